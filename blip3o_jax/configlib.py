@@ -1,0 +1,258 @@
+"""The configuration schema (ml_collections) and its validation.
+
+``base_config()`` returns the complete, locked schema with every key and its default; config files in
+``configs/`` start from it and override values, so a misspelt key fails at once with the list of keys
+that exist. The model sections are generated from the component dataclasses (``DiTConfig``,
+``EvaConfig``, ...), so a component's config fields are defined in exactly one place, its model file.
+
+``validate(config, num_devices)`` checks types, choices and cross-field constraints (heads dividing
+widths, widths agreeing between components, the mesh matching the device count) and raises
+``ConfigError`` naming the offending key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+
+from blip3o_jax.models.dit import DiTConfig
+from blip3o_jax.models.eva_clip import EvaConfig
+from blip3o_jax.models.qwen2_5_vl import QwenTextConfig, QwenVisionConfig
+from blip3o_jax.models.siglip2 import Siglip2Config
+
+COMPONENT_CONFIGS = {
+    "llm": QwenTextConfig,
+    "vision": QwenVisionConfig,
+    "dit": DiTConfig,
+    "eva": EvaConfig,
+    "siglip2": Siglip2Config,
+}
+
+CHOICES = {
+    "model.gen_head": ("flow", "mse"),
+    "model.target_encoder": ("eva_clip", "siglip2", "none"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "sharding.llm": ("replicated", "fsdp", "tensor"),
+    "sharding.vision": ("replicated", "fsdp", "tensor"),
+    "sharding.dit": ("replicated", "fsdp", "tensor"),
+    "sharding.target": ("replicated", "fsdp", "tensor"),
+    "train.stage": ("understanding", "generation", "instruction", "joint", "decoder", "pipeline"),
+    "train.schedule": ("cosine_with_min_lr", "cosine", "constant"),
+}
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or impossible; the message names the key."""
+
+
+def component(cfg: ml_collections.ConfigDict, name: str):
+    """The frozen dataclass of one model component from its config section."""
+    cls = COMPONENT_CONFIGS[name]
+    values = {f.name: getattr(cfg.model, name)[f.name] for f in dataclasses.fields(cls)}
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default, tuple):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key with its default: the released 8B model and the paper's generation pre-training."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    for name, cls in COMPONENT_CONFIGS.items():
+        c.model[name] = ml_collections.ConfigDict(dataclasses.asdict(cls()))
+    c.model.n_query = 64
+    c.model.gen_start_token_id = 151665  # [IMG], marks the start of the 64 query slots
+    c.model.query_token_id = 151667  # <image>, training placeholder overwritten by the queries
+    c.model.image_pad_token_id = 151655  # <|image_pad|>, slots for Qwen-ViT image embeddings
+    c.model.vision_start_token_id = 151652
+    c.model.vision_end_token_id = 151653
+    c.model.pad_token_id = 151643
+    c.model.gen_head = "flow"  # flow: CLIP + flow matching (the DiT); mse: queries regress targets
+    c.model.target_encoder = "eva_clip"
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights
+    c.model.remat = "full"
+
+    # Flow matching (reference 6, 7).
+    c.flow = ml_collections.ConfigDict()
+    c.flow.num_train_timesteps = 1000
+    c.flow.shift = 1.0
+    c.flow.cond_dropout = 0.1
+    c.flow.sample_steps = 30
+    c.flow.guidance = 3.0
+
+    # Device mesh: one axis may be -1 (= all remaining devices).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # One logical-axis rule table per component (blip3o_jax.sharding.RULE_TABLES).
+    c.sharding = ml_collections.ConfigDict(dict(llm="fsdp", vision="fsdp", dit="fsdp", target="fsdp"))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "synthetic"
+    c.data.paths = ""  # comma-separated files or globs (webdataset tars, ArrayRecord)
+    c.data.global_batch_size = 512
+    c.data.max_length = 512  # text + 65 image slots
+    c.data.image_size = 448  # target-encoder input size
+    c.data.num_workers = 0
+    c.data.seed = 42
+
+    c.train = ml_collections.ConfigDict()
+    c.train.stage = "generation"
+    c.train.num_steps = 150_000
+    c.train.learning_rate = 1e-4
+    c.train.min_learning_rate = 1e-5
+    c.train.schedule = "cosine_with_min_lr"
+    c.train.warmup_ratio = 0.003
+    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.eps = 1e-8
+    c.train.grad_clip = 1.0
+    c.train.grad_accum = 1
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 1
+    c.train.init_from = ""  # an Orbax checkpoint or PyTorch directory to initialise parameters from
+    c.train.max_nonfinite_steps = 10
+
+    c.lock()
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def _check_schema(cfg: Any, ref: Any, prefix: str) -> None:
+    for key in cfg.keys():
+        full = f"{prefix}{key}"
+        if key not in ref:
+            raise ConfigError(f"unknown config key {full!r}; allowed keys here: {sorted(ref.keys())}")
+        value, default = cfg[key], ref[key]
+        if isinstance(default, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ConfigError(f"config key {full!r} must be a section with keys {sorted(default.keys())}")
+            _check_schema(value, default, full + ".")
+        elif not _type_ok(value, default):
+            raise ConfigError(
+                f"config key {full!r} = {value!r} has type {type(value).__name__}; "
+                f"expected {type(default).__name__} (default {default!r})"
+            )
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key {key!r}: {message}")
+
+
+def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+    """Raises ConfigError for the first bad key; returns cfg unchanged when it is valid."""
+    _check_schema(cfg, base_config(), "")
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        _require(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
+
+    m = cfg.model
+    llm, vis, dit, eva, sig = m.llm, m.vision, m.dit, m.eva, m.siglip2
+    positive = [
+        "llm.hidden_size", "llm.num_hidden_layers", "llm.num_attention_heads", "llm.num_key_value_heads",
+        "llm.vocab_size", "llm.intermediate_size", "vision.depth", "vision.hidden_size", "vision.num_heads",
+        "dit.dim", "dit.n_layers", "dit.n_heads", "dit.n_kv_heads", "dit.input_size", "dit.patch_size",
+        "dit.in_channels", "eva.width", "eva.layers", "eva.head_width", "eva.patch_size", "eva.image_size",
+    ]
+    for key in positive:
+        _require(_get(m, key) > 0, "model." + key, f"must be > 0, got {_get(m, key)}")
+    _require(m.n_query > 0, "model.n_query", f"must be > 0, got {m.n_query}")
+
+    _require(llm.hidden_size % llm.num_attention_heads == 0, "model.llm.num_attention_heads",
+             f"{llm.num_attention_heads} heads do not divide hidden_size {llm.hidden_size}")
+    _require(llm.num_attention_heads % llm.num_key_value_heads == 0, "model.llm.num_key_value_heads",
+             f"{llm.num_key_value_heads} must divide num_attention_heads {llm.num_attention_heads}")
+    head_dim = llm.hidden_size // llm.num_attention_heads
+    _require(sum(llm.mrope_section) * 2 == head_dim, "model.llm.mrope_section",
+             f"{tuple(llm.mrope_section)} must sum to head_dim/2 = {head_dim // 2}")
+    _require(vis.hidden_size % vis.num_heads == 0, "model.vision.num_heads",
+             f"{vis.num_heads} heads do not divide hidden_size {vis.hidden_size}")
+    _require(vis.out_hidden_size == llm.hidden_size, "model.vision.out_hidden_size",
+             f"{vis.out_hidden_size} must equal model.llm.hidden_size {llm.hidden_size}")
+    _require(dit.dim % dit.n_heads == 0, "model.dit.n_heads", f"{dit.n_heads} heads do not divide dim {dit.dim}")
+    _require(dit.n_heads % dit.n_kv_heads == 0, "model.dit.n_kv_heads",
+             f"{dit.n_kv_heads} must divide n_heads {dit.n_heads}")
+    _require((dit.dim // dit.n_heads) % 4 == 0, "model.dit.n_heads",
+             f"head_dim {dit.dim // dit.n_heads} must be a multiple of 4 for the 2-D RoPE")
+    _require(dit.input_size % dit.patch_size == 0, "model.dit.patch_size",
+             f"{dit.patch_size} must divide input_size {dit.input_size}")
+    _require(dit.latent_embedding_size == llm.hidden_size, "model.dit.latent_embedding_size",
+             f"{dit.latent_embedding_size} must equal model.llm.hidden_size {llm.hidden_size}")
+    _require(eva.width % eva.head_width == 0, "model.eva.head_width",
+             f"{eva.head_width} does not divide width {eva.width}")
+    _require(eva.image_size % eva.patch_size == 0, "model.eva.patch_size",
+             f"{eva.patch_size} must divide image_size {eva.image_size}")
+    _require(sig.hidden_size % sig.num_attention_heads == 0, "model.siglip2.num_attention_heads",
+             f"{sig.num_attention_heads} heads do not divide hidden_size {sig.hidden_size}")
+
+    n_tokens = (dit.input_size // dit.patch_size) ** 2
+    if m.target_encoder == "eva_clip":
+        _require(eva.pooling.startswith("early_pool2d_"), "model.eva.pooling",
+                 f"{eva.pooling!r} is not one of ['early_pool2d_K']")
+        k = int(eva.pooling.rsplit("_", 1)[1])
+        grid = eva.image_size // eva.patch_size
+        _require(grid % k == 0, "model.eva.pooling", f"pool {k} must divide the {grid}x{grid} token grid")
+        _require((grid // k) == dit.input_size, "model.dit.input_size",
+                 f"{dit.input_size} must equal the pooled EVA grid {grid // k}")
+        _require(dit.in_channels == eva.width, "model.dit.in_channels",
+                 f"{dit.in_channels} must equal model.eva.width {eva.width} (the target features)")
+    elif m.target_encoder == "siglip2":
+        _require(math.isqrt(sig.num_pooled_tokens) ** 2 == sig.num_pooled_tokens, "model.siglip2.num_pooled_tokens",
+                 f"{sig.num_pooled_tokens} must be a square number")
+        _require(sig.num_pooled_tokens == n_tokens, "model.dit.input_size",
+                 f"{n_tokens} DiT tokens must equal model.siglip2.num_pooled_tokens {sig.num_pooled_tokens}")
+        _require(dit.in_channels == sig.hidden_size, "model.dit.in_channels",
+                 f"{dit.in_channels} must equal model.siglip2.hidden_size {sig.hidden_size}")
+
+    for key in ("train.num_steps", "train.grad_accum", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "data.global_batch_size", "data.max_length"):
+        _require(_get(cfg, key) > 0, key, f"must be > 0, got {_get(cfg, key)}")
+    _require(cfg.data.max_length > m.n_query + 1, "data.max_length",
+             f"{cfg.data.max_length} leaves no room for text next to the {m.n_query + 1} image slots")
+    _require(0.0 <= cfg.flow.cond_dropout < 1.0, "flow.cond_dropout", f"must be in [0, 1), got {cfg.flow.cond_dropout}")
+    _require(cfg.flow.shift > 0, "flow.shift", f"must be > 0, got {cfg.flow.shift}")
+    _require(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio}")
+    _require(cfg.train.learning_rate > 0, "train.learning_rate", "must be > 0")
+
+    if num_devices is not None:
+        from blip3o_jax.sharding import resolve_mesh_shape
+
+        try:
+            shape = resolve_mesh_shape(cfg.mesh, num_devices)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        data_parallel = shape[0] * shape[1]
+        _require(cfg.data.global_batch_size % data_parallel == 0, "data.global_batch_size",
+                 f"{cfg.data.global_batch_size} must be divisible by mesh data*fsdp = {data_parallel}")
+    return cfg

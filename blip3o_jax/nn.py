@@ -1,0 +1,121 @@
+"""Small building blocks shared by every model file: annotated linear layers, remat policies, scanned
+layer stacks and dtype helpers.
+
+Parameter names mirror the PyTorch modules being ported (``kernel`` is a Linear ``weight`` transposed
+to (in, out), ``scale`` a norm ``weight``) so each converter's mapping table stays mechanical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+# Torch's nn.Linear default init (kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))) for kernels and
+# biases, so models trained from scratch start like the PyTorch original (reference 5.7).
+torch_linear_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+    bound = 1.0 / max(fan_in, 1) ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def dtype_of(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; allowed: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def linear(
+    in_features: int,
+    out_features: int,
+    names: tuple[str | None, str | None],
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    kernel_init: Callable | None = None,
+) -> nnx.Linear:
+    """nnx.Linear with logical axis names on its kernel (in, out) and bias (out,)."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(kernel_init or torch_linear_init, names),
+        bias_init=nnx.with_partitioning(torch_bias_init(in_features), (names[1],)),
+        rngs=rngs,
+    )
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None], dtype=jnp.float32):
+    """A bare nnx.Param with logical axis names."""
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# Remat policies (config key ``model.remat``), applied to the scanned block.
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # no rematerialisation: fastest, most memory
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+def remat_policy(name: str):
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; allowed: {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanned layer stacks
+
+
+def stack_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``num_layers`` blocks whose parameters are stacked along a leading 'layers' axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs: nnx.Rngs):
+        return make_block(rngs)
+
+    return create(rngs)
+
+
+def scan_layers(
+    layers: nnx.Module,
+    x: jax.Array,
+    *broadcast_args: Any,
+    remat: str = "none",
+    block_call: Callable[..., jax.Array] | None = None,
+) -> jax.Array:
+    """Runs the stacked blocks in order with ``nnx.scan``: ``x = block(x, *broadcast_args)``.
+
+    ``block_call(block, x, *args)`` overrides how one block is called (default ``block(x, *args)``).
+    ``remat`` names a policy of REMAT_POLICIES applied to one block.
+    """
+    call = block_call or (lambda block, h, *args: block(h, *args))
+    policy_name = remat
+
+    def body(block, h):
+        return call(block, h, *broadcast_args)
+
+    if policy_name != "none":
+        body = nnx.remat(body, policy=remat_policy(policy_name), prevent_cse=False)
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def run(block, h):
+        return body(block, h)
+
+    return run(layers, x)

@@ -1,0 +1,317 @@
+"""Streaming PyTorch <-> NNX weight conversion shared by every component's mapping table.
+
+A component's mapping is a list of ``Rule``s, each pairing one PyTorch key pattern with one NNX
+parameter path. ``{i}`` in both stands for the layer index: the PyTorch side has one tensor per layer,
+the NNX side one array stacked along a leading 'layers' axis (scanned blocks). ``load_component``
+reads tensors one at a time from (sharded) safetensors, transforms each, and writes it straight into
+its target sharding, so host memory stays near one tensor. Coverage is checked both ways before any
+tensor is read: every missing, unexpected and mis-shaped key is reported in one error.
+
+Transforms (PyTorch -> NNX):
+  "linear"  (out, in)            -> (in, out)          nn.Linear weight -> kernel
+  "conv2d"  (O, I, kh, kw)       -> (kh, kw, I, O)
+  "conv3d"  (O, I, t, h, w)      -> (t, h, w, I, O)
+  "none"    unchanged (biases, norm scales, embeddings, learned tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_PERMS = {
+    "linear": (1, 0),
+    "conv2d": (2, 3, 1, 0),
+    "conv3d": (2, 3, 4, 1, 0),
+}
+
+
+def to_jax_layout(x: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "none":
+        return x
+    return np.transpose(x, _PERMS[transform])
+
+
+def to_torch_layout(x: np.ndarray, transform: str) -> np.ndarray:
+    if transform == "none":
+        return x
+    return np.transpose(x, np.argsort(_PERMS[transform]))
+
+
+def torch_shape(jax_shape: Sequence[int], transform: str) -> tuple[int, ...]:
+    if transform == "none":
+        return tuple(jax_shape)
+    inv = np.argsort(_PERMS[transform])
+    return tuple(int(jax_shape[i]) for i in inv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    torch: str  # e.g. "layers.{i}.attn1.to_q.weight"
+    nnx: str  # e.g. "layers/attn1/to_q/kernel" (the 'layers' array is stacked over {i})
+    transform: str = "none"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model: lists every offending key at once."""
+
+    def __init__(self, missing=(), unexpected=(), mismatched=(), where: str = ""):
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
+        lines = [f"checkpoint does not match the model{(' (' + where + ')') if where else ''}:"]
+        if self.missing:
+            lines.append(f"  missing {len(self.missing)} key(s):")
+            lines += [f"    {k}  expected shape {tuple(s)}" for k, s in self.missing]
+        if self.unexpected:
+            lines.append(f"  unexpected {len(self.unexpected)} key(s):")
+            lines += [f"    {k}  shape {tuple(s)}" for k, s in self.unexpected]
+        if self.mismatched:
+            lines.append(f"  mis-shaped {len(self.mismatched)} key(s):")
+            lines += [f"    {k}  checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched]
+        super().__init__("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading safetensors directories lazily
+
+
+class TorchCheckpoint:
+    """Read-only view of a Hugging Face weights directory: keys and shapes up front, tensors on demand.
+
+    Accepts ``model.safetensors``, sharded ``model-XXXXX-of-YYYYY.safetensors`` with
+    ``model.safetensors.index.json``, or (only with ``allow_pickle=True``) ``pytorch_model*.bin``.
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+        from safetensors import safe_open
+
+        self.path = os.fspath(path)
+        self._files: dict[str, str] = {}  # key -> file
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._bin: dict[str, Any] | None = None
+        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+        index = os.path.join(self.path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        if not files:
+            bins = sorted(f for f in os.listdir(self.path) if f.endswith(".bin"))
+            if bins and not allow_pickle:
+                raise ValueError(
+                    f"{self.path} holds only pickle weights ({', '.join(bins)}); pickle files can run "
+                    "arbitrary code. Convert them to safetensors, or pass allow_pickle=True / --allow-pickle."
+                )
+            if not bins:
+                raise FileNotFoundError(f"no *.safetensors weights in {self.path}")
+            self._load_bins(bins)
+            return
+        for fname in files:
+            with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
+                for key in f.keys():
+                    self._files[key] = fname
+                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
+
+    def _load_bins(self, bins: list[str]) -> None:
+        import torch  # only for explicitly allowed pickle checkpoints
+
+        self._bin = {}
+        for fname in bins:
+            sd = torch.load(os.path.join(self.path, fname), map_location="cpu", weights_only=True)
+            self._bin.update(sd)
+        self._shapes = {k: tuple(v.shape) for k, v in self._bin.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def get(self, key: str) -> np.ndarray:
+        """One tensor as a float32 (or integer) numpy array; bfloat16/float16 are upcast."""
+        if self._bin is not None:
+            t = self._bin[key]
+            return t.float().numpy() if t.is_floating_point() else t.numpy()
+        from safetensors import safe_open
+
+        with safe_open(os.path.join(self.path, self._files[key]), framework="numpy") as f:
+            try:
+                x = f.get_tensor(key)
+            except TypeError:  # bfloat16 has no numpy dtype in safetensors' numpy backend
+                with safe_open(os.path.join(self.path, self._files[key]), framework="flax") as g:
+                    x = np.asarray(g.get_tensor(key).astype(jnp.float32))
+        if x.dtype in (np.float16,) or x.dtype.name == "bfloat16":
+            x = x.astype(np.float32)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping tables
+
+
+def _expand(rule: Rule, num_layers: int | None) -> Iterator[tuple[str, str, int | None]]:
+    if "{i}" in rule.torch:
+        if num_layers is None:
+            raise ValueError(f"rule {rule} needs the number of layers")
+        for i in range(num_layers):
+            yield rule.torch.format(i=i), rule.nnx, i
+    else:
+        yield rule.torch, rule.nnx, None
+
+
+def _flat_params(state: nnx.State) -> dict[str, Any]:
+    return {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
+
+
+def _leaf_shape(v: Any) -> tuple[int, ...]:
+    x = v.get_value() if isinstance(v, nnx.Variable) else v
+    return tuple(x.shape)
+
+
+def expected_torch_keys(
+    rules: Sequence[Rule], state: nnx.State, prefix: str = ""
+) -> dict[str, tuple[str, int | None, str, tuple[int, ...]]]:
+    """torch key -> (nnx path, layer index or None, transform, torch shape), for this model's state."""
+    flat = _flat_params(state)
+    out = {}
+    for rule in rules:
+        if rule.nnx not in flat:
+            raise KeyError(f"mapping rule {rule} names an NNX path that the model does not have")
+        shape = _leaf_shape(flat[rule.nnx])
+        layered = "{i}" in rule.torch
+        n = shape[0] if layered else None
+        for key, path, i in _expand(rule, n):
+            out[prefix + key] = (path, i, rule.transform, torch_shape(shape[1:] if layered else shape, rule.transform))
+    unmapped = set(flat) - {r.nnx for r in rules}
+    if unmapped:
+        raise KeyError(f"NNX parameters without a mapping rule: {sorted(unmapped)}")
+    return out
+
+
+def check_coverage(
+    ckpt_keys: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[str, int | None, str, tuple[int, ...]]],
+    *,
+    prefix: str = "",
+    ignore: Iterable[str] = (),
+    where: str = "",
+) -> None:
+    """Raises CheckpointMismatchError naming every missing / unexpected / mis-shaped key under prefix."""
+    ignore_res = [re.compile(p) for p in ignore]
+    present = {k: s for k, s in ckpt_keys.items() if k.startswith(prefix) and not any(r.match(k) for r in ignore_res)}
+    missing = [(k, e[3]) for k, e in expected.items() if k not in present]
+    unexpected = [(k, s) for k, s in present.items() if k not in expected]
+    mismatched = [(k, present[k], e[3]) for k, e in expected.items() if k in present and tuple(present[k]) != e[3]]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched, where)
+
+
+@jax.jit
+def _set_layer(stacked, i, value):
+    return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), i, 0)
+
+
+_set_layer_donated = jax.jit(_set_layer.__wrapped__, donate_argnums=0)
+
+
+def load_component(
+    ckpt: TorchCheckpoint,
+    rules: Sequence[Rule],
+    abstract_state: nnx.State,
+    *,
+    prefix: str = "",
+    ignore: Iterable[str] = (),
+    check: bool = True,
+    where: str = "",
+) -> nnx.State:
+    """Fills ``abstract_state`` (ShapeDtypeStructs with shardings, see sharding.abstract_with_shardings)
+    from the checkpoint, one tensor at a time. Returns a state of real arrays in their target sharding.
+    """
+    expected = expected_torch_keys(rules, abstract_state, prefix)
+    if check:
+        check_coverage({k: ckpt.shape(k) for k in ckpt.keys()}, expected, prefix=prefix, ignore=ignore, where=where)
+    flat = _flat_params(abstract_state)
+    values: dict[str, jax.Array] = {}
+    for key, (path, layer, transform, _) in expected.items():
+        target = flat[path]
+        target = target.get_value() if isinstance(target, nnx.Variable) else target
+        host = to_jax_layout(ckpt.get(key), transform)
+        if layer is None:
+            values[path] = jax.device_put(host.astype(target.dtype), target.sharding)
+            continue
+        if path not in values:
+            values[path] = jax.jit(
+                lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding
+            )()
+        values[path] = _set_layer_donated(values[path], layer, host)
+    return _replace_leaves(abstract_state, values)
+
+
+def _replace_leaves(state: nnx.State, values: Mapping[str, jax.Array]) -> nnx.State:
+    flat = []
+    for path, v in nnx.to_flat_state(state):
+        key = "/".join(str(p) for p in path)
+        flat.append((path, v.replace(values[key]) if isinstance(v, nnx.Variable) else values[key]))
+    return nnx.from_flat_state(flat)
+
+
+def export_component(rules: Sequence[Rule], state: nnx.State, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (torch key, float32/int numpy tensor in PyTorch layout), one tensor at a time."""
+    flat = _flat_params(state)
+    for key, (path, layer, transform, _) in expected_torch_keys(rules, state, prefix).items():
+        v = flat[path]
+        x = v.get_value() if isinstance(v, nnx.Variable) else v
+        x = x[layer] if layer is not None else x
+        yield key, to_torch_layout(np.asarray(jax.device_get(x)), transform)
+
+
+def save_safetensors_sharded(
+    tensors: Iterable[tuple[str, np.ndarray]], path: str | os.PathLike, max_shard_bytes: int = 2 << 30
+) -> None:
+    """Writes ``model-XXXXX-of-YYYYY.safetensors`` + index (or one ``model.safetensors``)."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    # Shards are flushed to temporary names as they fill, so at most one shard is held in memory.
+    written: list[tuple[str, list[str]]] = []
+
+    def flush():
+        nonlocal size
+        if shards[-1]:
+            tmp = f"shard-{len(written):05d}.tmp"
+            save_file({k: np.ascontiguousarray(v) for k, v in shards[-1].items()}, os.path.join(path, tmp))
+            written.append((tmp, list(shards[-1])))
+            shards[-1] = {}
+            size = 0
+
+    for key, x in tensors:
+        if size and size + x.nbytes > max_shard_bytes:
+            flush()
+        shards[-1][key] = x
+        size += x.nbytes
+    flush()
+    if len(written) == 1:
+        os.replace(os.path.join(path, written[0][0]), os.path.join(path, "model.safetensors"))
+        return
+    weight_map = {}
+    total = len(written)
+    for n, (tmp, keys) in enumerate(written, 1):
+        name = f"model-{n:05d}-of-{total:05d}.safetensors"
+        os.replace(os.path.join(path, tmp), os.path.join(path, name))
+        weight_map.update({k: name for k in keys})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)

@@ -1,0 +1,22 @@
+"""Test setup shared by the whole suite.
+
+Runs before any test module imports jax: 8 fake CPU devices so sharding is really exercised,
+absl flags marked parsed (Grain worker processes read them), and the torchvision shim so the
+PyTorch references (transformers' Qwen2.5-VL / SigLIP2, timm) import beside the CPU torch build.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+
+from tests import torch_shim  # noqa: E402,F401  (must precede transformers/timm imports)
