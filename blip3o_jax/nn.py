@@ -10,9 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+# Our parameters carry *logical* axis names; flax's eager sharding would read them as mesh axes.
+# Placement is done explicitly by blip3o_jax.sharding (create_sharded / state_shardings) instead.
+flax.config.update("flax_always_shard_variable", False)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -1,0 +1,67 @@
+"""Training metrics: ``WORKDIR/metrics.jsonl`` (one JSON object per logged step), TensorBoard event
+files and a tqdm progress bar. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, total_steps: int, initial_step: int = 0, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        from tensorboardX import SummaryWriter
+        from tqdm import tqdm
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            v = np.asarray(v)
+            row[k] = v.item() if v.ndim == 0 else v.tolist()
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, step)
+        shown = {k: f"{row[k]:.4g}" for k in ("loss", "grad_norm", "lr") if k in row}
+        self._bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._bar.close()
+        self._tb.close()
+        self._jsonl.close()
+
+
+class StepTimer:
+    """Wall time per step between logging points (device work is synchronised by the caller)."""
+
+    def __init__(self):
+        self._t = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        dt, self._t = now - self._t, now
+        return dt
