@@ -127,19 +127,24 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
     return P(*spec)
 
 
-def _var_spec(var: Any, rules: Rules) -> P:
+# A rule table, or a function choosing one from a parameter's path (one table per model component).
+RulesOrChooser = Rules | Callable[[tuple], Rules]
+
+
+def _var_spec(path: tuple, var: Any, rules: RulesOrChooser) -> P:
     names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-    return logical_to_spec(names, rules)
+    table = rules(tuple(getattr(k, "key", k) for k in path)) if callable(rules) else rules
+    return logical_to_spec(names, table)
 
 
-def state_specs(state: Any, rules: Rules) -> Any:
+def state_specs(state: Any, rules: RulesOrChooser) -> Any:
     """PartitionSpec tree (same structure as ``state``) from the variables' logical-axis metadata."""
-    return jax.tree.map(
-        lambda v: _var_spec(v, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: _var_spec(path, v, rules), state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
 
 
-def state_shardings(state: Any, mesh: Mesh, rules: Rules) -> Any:
+def state_shardings(state: Any, mesh: Mesh, rules: RulesOrChooser) -> Any:
     specs = state_specs(state, rules)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
@@ -151,7 +156,7 @@ def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None) ->
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
 
 
-def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) -> nnx.Module:
+def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: RulesOrChooser) -> nnx.Module:
     """Builds ``factory()`` with every parameter born sharded (never materialised on one device)."""
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(factory)
@@ -167,7 +172,7 @@ def create_sharded(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules) 
     return nnx.merge(graphdef, state)
 
 
-def abstract_with_shardings(factory: Callable[[], nnx.Module], mesh: Mesh, rules: Rules):
+def abstract_with_shardings(factory: Callable[[], nnx.Module], mesh: Mesh, rules: RulesOrChooser):
     """(graphdef, state of ShapeDtypeStructs carrying their target NamedShardings): no allocation."""
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(factory)
