@@ -99,8 +99,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.global_batch_size = 512
     c.data.max_length = 512  # text + 65 image slots
     c.data.image_size = 448  # target-encoder input size
-    c.data.num_workers = 0
+    c.data.num_workers = 0  # Grain worker processes for decode + preprocessing (0 = in-process)
     c.data.seed = 42
+    c.data.tokenizer = ""  # tokenizer.json file or a Hugging Face tokenizer folder (local path)
+    c.data.cache_dir = ""  # where tar indexes go when the shard folder is read-only ("" = ~/.cache)
+    c.data.tfds_data_dir = ""
+    c.data.und_image_size = 448  # understanding images: shorter side before the Qwen processor
+    c.data.max_patches = 0  # fixed ViT patches per sample (0 = those of an und_image_size square)
+    c.data.min_pixels = 3136
+    c.data.max_pixels = 12845056
+    c.data.max_turns = 0  # question/answer turns kept per understanding sample (0 = all)
 
     c.train = ml_collections.ConfigDict()
     c.train.stage = "generation"

@@ -98,6 +98,27 @@ def stack_layers(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
     return create(rngs)
 
 
+def scan_blocks(layers: nnx.Module, carry: Any, xs: Any = (), *, remat: str = "none",
+                block_call: Callable[[nnx.Module, Any, Any], tuple[Any, Any]]) -> tuple[Any, Any]:
+    """Runs stacked blocks in order: ``carry, y = block_call(block_i, carry, xs_i)``; returns (carry, ys).
+
+    A plain ``jax.lax.scan`` over the split block state rather than ``nnx.scan``: the blocks hold no
+    mutable state, and this keeps models usable when closed over inside other transforms (``jax.grad``
+    with a frozen backbone as a constant, ``lax.while_loop`` decoding), where nnx.scan refuses
+    variables created at an outer trace level. ``xs`` are per-layer inputs stacked on axis 0 (e.g. a
+    KV cache). ``remat`` names a policy of REMAT_POLICIES, applied to one block.
+    """
+    graphdef, state = nnx.split(layers)
+
+    def body(c, per_layer):
+        layer_state, x = per_layer
+        return block_call(nnx.merge(graphdef, layer_state), c, x)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=remat_policy(remat), prevent_cse=False)
+    return jax.lax.scan(body, carry, (state, xs))
+
+
 def scan_layers(
     layers: nnx.Module,
     x: jax.Array,
@@ -105,22 +126,10 @@ def scan_layers(
     remat: str = "none",
     block_call: Callable[..., jax.Array] | None = None,
 ) -> jax.Array:
-    """Runs the stacked blocks in order with ``nnx.scan``: ``x = block(x, *broadcast_args)``.
+    """``x = block(x, *broadcast_args)`` for each stacked block in order (see scan_blocks).
 
     ``block_call(block, x, *args)`` overrides how one block is called (default ``block(x, *args)``).
-    ``remat`` names a policy of REMAT_POLICIES applied to one block.
     """
     call = block_call or (lambda block, h, *args: block(h, *args))
-    policy_name = remat
-
-    def body(block, h):
-        return call(block, h, *broadcast_args)
-
-    if policy_name != "none":
-        body = nnx.remat(body, policy=remat_policy(policy_name), prevent_cse=False)
-
-    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def run(block, h):
-        return body(block, h)
-
-    return run(layers, x)
+    out, _ = scan_blocks(layers, x, remat=remat, block_call=lambda block, h, _: (call(block, h, *broadcast_args), None))
+    return out

@@ -17,6 +17,7 @@ Transforms (PyTorch -> NNX):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -217,12 +218,15 @@ def check_coverage(
         raise CheckpointMismatchError(missing, unexpected, mismatched, where)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)
 def _set_layer(stacked, i, value):
     return jax.lax.dynamic_update_index_in_dim(stacked, value.astype(stacked.dtype), i, 0)
 
 
-_set_layer_donated = jax.jit(_set_layer.__wrapped__, donate_argnums=0)
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(shape: tuple[int, ...], dtype, sharding):
+    """One compiled allocator per (shape, dtype, sharding), not one per stacked tensor."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 def load_component(
@@ -251,10 +255,8 @@ def load_component(
             values[path] = jax.device_put(host.astype(target.dtype), target.sharding)
             continue
         if path not in values:
-            values[path] = jax.jit(
-                lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding
-            )()
-        values[path] = _set_layer_donated(values[path], layer, host)
+            values[path] = _zeros_fn(tuple(target.shape), jnp.dtype(target.dtype), target.sharding)()
+        values[path] = _set_layer(values[path], layer, host)
     return _replace_leaves(abstract_state, values)
 
 
