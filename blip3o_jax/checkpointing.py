@@ -80,8 +80,13 @@ class RunCheckpointer:
 
 
 def save_params(path: str, params: Any, config: dict | None = None) -> None:
-    """A standalone parameter checkpoint (e.g. the output of ``blip3o_jax.convert``)."""
+    """A standalone parameter checkpoint (the output of ``blip3o_jax.convert`` and of a finished stage):
+    ``path/params`` holds the model's parameters as a plain nested dict (``backbone/model/...``)."""
+    from flax import nnx
+
     path = os.path.abspath(path)
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(path, "params"), params, force=True)
     if config is not None and jax.process_index() == 0:
@@ -90,6 +95,15 @@ def save_params(path: str, params: Any, config: dict | None = None) -> None:
 
 
 def restore_params(path: str, abstract_params: Any) -> Any:
+    """Restores onto the shardings of ``abstract_params`` (an abstract nnx.State or a plain dict)."""
+    from flax import nnx
+
     path = os.path.abspath(path)
+    state = abstract_params if isinstance(abstract_params, nnx.State) else None
+    target = nnx.to_pure_dict(state) if state is not None else abstract_params
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.join(path, "params"), abstract_params)
+        restored = ckptr.restore(os.path.join(path, "params"), target)
+    if state is None:
+        return restored
+    nnx.replace_by_pure_dict(state, restored)
+    return state

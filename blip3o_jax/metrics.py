@@ -21,7 +21,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_rows_after(path, initial_step)  # rows a killed run logged after its last checkpoint
+        self._jsonl = open(path, "a")
         from tensorboardX import SummaryWriter
         from tqdm import tqdm
 
@@ -53,6 +55,26 @@ class MetricsWriter:
         self._bar.close()
         self._tb.close()
         self._jsonl.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """Keeps only rows with ``step <= step`` so a resumed run's log has each step exactly once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip()]
+    kept = []
+    for line in rows:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by a kill
+            continue
+    if len(kept) != len(rows):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 class StepTimer:

@@ -65,8 +65,166 @@ def main(argv: list[str]) -> None:
         train(cfg, workdir)
 
 
-def train(cfg, workdir: str) -> dict:
-    raise NotImplementedError(f"stage {cfg.train.stage!r} is not implemented yet")
+def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | None = None, devices=None) -> dict:
+    """Runs (or resumes) one stage in ``workdir``; returns the last logged metrics.
+
+    ``tokenizer`` / ``sources`` override the ones named by the config (the demo passes its own);
+    ``max_steps`` stops early without changing the schedule; ``devices`` restricts the mesh.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from blip3o_jax import checkpointing, flops, metrics, optim, sharding
+    from blip3o_jax import model as model_lib
+    from blip3o_jax.data import pipeline
+
+    stage = cfg.train.stage
+    num_steps = int(cfg.train.num_steps)
+
+    # ---- Mesh ---------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(cfg.mesh, devices)
+    logging.info("stage %s: mesh %s over %d devices (%d processes)", stage, dict(mesh.shape), jax.device_count(),
+                 jax.process_count())
+
+    # ---- Data ---------------------------------------------------------------------------------
+    data_dir = os.path.join(workdir, "data")  # where the synthetic demo set is written, if used
+    tokenizer = tokenizer if tokenizer is not None else pipeline.load_tokenizer(cfg, data_dir)
+    kind = "understanding" if stage == "understanding" else "generation"
+    batches = pipeline.make_iterator(cfg, tokenizer, kind, sources, data_dir=data_dir)
+
+    # ---- Model: parameters born sharded, split into trainable and frozen for this stage ----------
+    model = model_lib.build_model(cfg, mesh)
+    if cfg.train.init_from:
+        model_lib.load_params(model, cfg.train.init_from, mesh)
+    graphdef, trainable, frozen = nnx.split(model, model_lib.trainable_filter(stage), ...)
+    del model
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    logging.info("trainable parameters: %s; frozen: %s", f"{n_trainable:,}",
+                 f"{sum(x.size for x in jax.tree.leaves(frozen)):,}")
+
+    # ---- Optimizer and shardings --------------------------------------------------------------
+    tx = optim.make_optimizer(cfg.train)
+    schedule = optim.learning_rate_schedule(cfg.train)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init)(trainable)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {
+        "params": trainable,
+        "opt_state": opt_state,
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.train.seed)), replicated),
+        "nonfinite": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+    }
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    # ---- The jitted training step -------------------------------------------------------------
+    first_host, image_grid = model_lib.prepare_batch(next(batches), cfg)  # the static image grid, if any
+
+    def loss_fn(params, frozen_params, batch, rng):
+        m = nnx.merge(graphdef, params, frozen_params)
+        return model_lib.stage_loss(m, stage, batch, rng, image_grid)
+
+    def train_step(state, frozen_params, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        accum = cfg.train.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+
+        def accumulate(carry, xs):
+            grads_sum, loss_sum = carry
+            i, mb = xs
+            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], frozen_params, mb, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), aux
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
+        (grads, loss), aux = jax.lax.scan(accumulate, (zeros, 0.0), (jnp.arange(accum), micro))
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = loss / accum
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        # A non-finite loss or gradient skips the update (parameters and moments unchanged).
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {
+            "params": keep(new_params, state["params"]),
+            "opt_state": keep(new_opt, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
+        }
+        out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
+        out.update(jax.tree.map(jnp.mean, aux))
+        return new_state, out
+
+    step_fn = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, None),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    # ---- Resume ---------------------------------------------------------------------------------
+    ckpt = checkpointing.RunCheckpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, data_state = ckpt.restore(latest, abstract)
+        batches.set_state(data_state)  # a global stream position: valid on every process
+        first_host = None  # read before the restore; the restored position re-reads from the right place
+        logging.info("resumed from step %d", latest)
+    step = int(state["step"])
+
+    # ---- Loop -----------------------------------------------------------------------------------
+    flops_per_step = model_lib.step_flops(cfg, stage, n_trainable)
+    writer = metrics.MetricsWriter(workdir, num_steps, initial_step=step)
+    preemption = checkpointing.PreemptionWatcher()
+    timer, last = metrics.StepTimer(), {}
+    last_logged = step
+    stop = num_steps if max_steps is None else min(num_steps, max_steps)
+    config_json = cfg.to_dict()
+    with jax.set_mesh(mesh):
+        while step < stop:
+            if first_host is not None:
+                host, grid, first_host = first_host, image_grid, None
+            else:
+                host, grid = model_lib.prepare_batch(next(batches), cfg)
+            if grid != image_grid:
+                raise ValueError(f"image grid changed from {image_grid} to {grid} mid-run (fixed shapes under jit)")
+            batch = sharding.shard_host_batch(host, mesh)
+            state, out = step_fn(state, frozen, batch)
+            step += 1
+            writer.advance()
+            if step % cfg.train.log_every == 0 or step == stop:
+                out = jax.device_get(out)
+                nonfinite = int(state["nonfinite"])
+                dt = timer.lap() / (step - last_logged)
+                last_logged = step
+                row = {k: float(v) for k, v in out.items() if k != "finite"}
+                row.update(step_time=dt, images_per_s=cfg.data.global_batch_size / dt,
+                           mfu=flops.mfu(flops_per_step, dt), nonfinite_in_a_row=nonfinite)
+                row.update(batches.counters.metrics())
+                writer.write(step, row)
+                last = row
+                if nonfinite > cfg.train.max_nonfinite_steps:
+                    ckpt.close()  # the last good checkpoint stays; nothing non-finite is saved
+                    raise FloatingPointError(f"{nonfinite} non-finite steps in a row at step {step}; "
+                                             f"last good checkpoint: {ckpt.latest_step()}")
+            data_state = batches.get_state()
+            preempted = preemption.requested() or ckpt.reached_preemption(step)
+            if ckpt.should_save(step) or preempted or step == num_steps:
+                if int(state["nonfinite"]) == 0:
+                    ckpt.save(step, state, data_state, config_json, force=True)
+            if preempted:
+                logging.info("preemption: saved step %d, exiting", step)
+                break
+    ckpt.close()
+    if step == num_steps:  # the whole model (trained + frozen parts) for the next stage or for inference
+        checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(nnx.merge(graphdef, state["params"], frozen)),
+                                  config_json)
+    writer.close()
+    batches.close()
+    return last
 
 
 if __name__ == "__main__":

@@ -1,0 +1,295 @@
+"""The unified BLIP3-o model (reference sections 2, 3; contract section 2).
+
+``Blip3o`` holds the Qwen2.5-VL backbone, the ``n_query`` learned queries, the generation head and the
+(optional) target encoder, and exposes the contract's five methods: ``lm_logits``, ``condition``,
+``velocity``, ``target_features`` and ``sample_features``. The training losses of each stage and the
+helpers the trainer needs (born-sharded construction, trainable filters, analytic FLOPs) live here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from blip3o_jax import configlib, flops, sharding
+from blip3o_jax.flow import FlowConfig
+from blip3o_jax import nn as bnn
+from blip3o_jax.models import heads as heads_lib
+from blip3o_jax.models.eva_clip import EvaVisionTransformer
+from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL
+from blip3o_jax.models.siglip2 import Siglip2VisionModel
+
+
+@dataclasses.dataclass(frozen=True)
+class Blip3oConfig:
+    """Everything the model needs, as plain frozen dataclasses (built from config.model by from_config)."""
+
+    llm: Any
+    vision: Any | None
+    head: Any  # DiTConfig
+    eva: Any
+    siglip2: Any
+    n_query: int = 64
+    gen_head: str = "flow"
+    target_encoder: str = "eva_clip"
+    gen_start_token_id: int = 151665
+    image_pad_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "full"
+    flow: FlowConfig = FlowConfig()
+
+    @classmethod
+    def from_config(cls, cfg) -> "Blip3oConfig":
+        m = cfg.model
+        return cls(
+            llm=configlib.component(cfg, "llm"),
+            vision=configlib.component(cfg, "vision"),
+            head=configlib.component(cfg, "dit"),
+            eva=configlib.component(cfg, "eva"),
+            siglip2=configlib.component(cfg, "siglip2"),
+            n_query=m.n_query,
+            gen_head=m.gen_head,
+            target_encoder=m.target_encoder,
+            gen_start_token_id=m.gen_start_token_id,
+            image_pad_token_id=m.image_pad_token_id,
+            vision_start_token_id=m.vision_start_token_id,
+            dtype=m.dtype,
+            param_dtype=m.param_dtype,
+            remat=m.remat,
+            flow=FlowConfig.from_config(cfg.flow),
+        )
+
+
+class Blip3o(nnx.Module):
+    def __init__(self, cfg: Blip3oConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dtype, param_dtype = bnn.dtype_of(cfg.dtype), bnn.dtype_of(cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, rngs=rngs)
+        self.backbone = Qwen2_5_VL(
+            cfg.llm, cfg.vision, image_token_id=cfg.image_pad_token_id,
+            vision_start_token_id=cfg.vision_start_token_id, **kw,
+        )
+        # torch.randn init (std 1, not scaled), reference 4.5.
+        self.latent_queries = bnn.param(
+            rngs, nnx.initializers.normal(1.0), (1, cfg.n_query, cfg.llm.hidden_size), (None, "queries", "embed"),
+            param_dtype,
+        )
+        self.gen_head = heads_lib.build_head(cfg.gen_head, cfg.head, n_query=cfg.n_query, flow_cfg=cfg.flow, **kw)
+        if cfg.target_encoder == "eva_clip":
+            self.target_encoder = EvaVisionTransformer(cfg.eva, **kw)
+        elif cfg.target_encoder == "siglip2":
+            self.target_encoder = Siglip2VisionModel(cfg.siglip2, **kw)
+        else:
+            self.target_encoder = None
+
+    # ---- contract methods ----------------------------------------------------------------------
+
+    def lm_logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        return self.backbone.lm_logits(input_ids, attention_mask, pixel_values, image_grid_thw)
+
+    def condition(self, input_ids, attention_mask=None) -> jax.Array:
+        """Text-to-image conditioning (reference 3.1 steps 2-4): (B, n_query, H) final-norm states.
+
+        The marker id and the queries are appended after the whole (padded) prompt; their positions
+        count only real tokens and padding is masked out of attention, so each row sees exactly
+        ``prompt, [IMG], q_1 .. q_n`` at positions ``0 .. L_i + n`` as in the batch-1 reference, for
+        left and right padding alike.
+        """
+        input_ids = jnp.asarray(input_ids)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        return _condition(self, input_ids, jnp.asarray(attention_mask))
+
+    def velocity(self, x, t, z) -> jax.Array:
+        return self.gen_head.velocity(jnp.asarray(x), jnp.asarray(t), jnp.asarray(z))
+
+    def target_features(self, images) -> jax.Array:
+        if self.target_encoder is None:
+            raise ValueError("this model has no target encoder (model.target_encoder = 'none')")
+        return self.target_encoder.target_features(jnp.asarray(images))
+
+    def sample_features(self, z, noise, num_steps: int = 30, guidance: float = 3.0) -> jax.Array:
+        return self.gen_head.sample(jnp.asarray(z), jnp.asarray(noise), num_steps=num_steps, guidance=guidance)
+
+    # ---- pieces used by training ---------------------------------------------------------------
+
+    def query_states(self, input_ids, attention_mask, query_start) -> jax.Array:
+        """Training form (reference 3.4): queries overwrite the embeddings of the n_query slots that
+        start at ``query_start`` (B,); returns the final-norm states there (B, n_query, H)."""
+        embeds = self.backbone.embed(input_ids)
+        slots = query_start[:, None] + jnp.arange(self.cfg.n_query)[None]  # (B, n)
+        rows = jnp.arange(input_ids.shape[0])[:, None]
+        queries = jnp.broadcast_to(self.latent_queries[...].astype(embeds.dtype), (input_ids.shape[0],) + self.latent_queries.shape[1:])
+        embeds = embeds.at[rows, slots].set(queries)
+        hidden = self.backbone.hidden_states(embeds, attention_mask)
+        return hidden[rows, slots]
+
+    def generation_loss(self, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        """Flow-matching (or MSE) loss on the target features of ``batch["target_image"]``."""
+        z = self.query_states(batch["input_ids"], batch["attention_mask"], batch["query_start"])
+        x0 = jax.lax.stop_gradient(self.target_features(batch["target_image"]))
+        return self.gen_head.loss(x0, z, rng), {}
+
+    def understanding_loss(self, batch: dict, image_grid: tuple | None = None) -> tuple[jax.Array, dict]:
+        """Next-token cross-entropy on the answer tokens (labels != -100), float32.
+
+        With images, ``batch['pixel_values']`` is (B, P, 1176) in the processor's patch layout and every
+        sample has the same static ``image_grid`` (t, h, w) (fixed shapes under jit; see prepare_batch).
+        """
+        input_ids = batch["input_ids"]
+        embeds = self.backbone.embed(input_ids)
+        positions = None
+        if image_grid is not None:
+            from blip3o_jax.models.qwen2_5_vl import scatter_image_embeds
+
+            b = input_ids.shape[0]
+            pixels = batch["pixel_values"].reshape((-1, batch["pixel_values"].shape[-1]))
+            feats = self.backbone.visual(pixels, np.tile(np.asarray(image_grid, np.int64), (b, 1)))
+            embeds = scatter_image_embeds(embeds, input_ids, feats, self.cfg.image_pad_token_id)
+            positions = jnp.swapaxes(batch["position_ids"], 0, 1)  # placed batch-first, see prepare_batch
+        hidden = self.backbone.hidden_states(embeds, batch["attention_mask"], positions)
+        logits = self.backbone.logits(hidden[:, :-1]).astype(jnp.float32)
+        labels = batch["labels"][:, 1:]
+        valid = labels >= 0
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[..., None], axis=-1)[..., 0]
+        count = jnp.maximum(jnp.sum(valid), 1)
+        accuracy = jnp.sum((jnp.argmax(logits, -1) == labels) * valid) / count
+        return jnp.sum(nll * valid) / count, {"token_accuracy": accuracy}
+
+
+@nnx.jit
+def _condition(model: Blip3o, input_ids, attention_mask):
+    b = input_ids.shape[0]
+    n = model.cfg.n_query
+    marker = model.backbone.embed(jnp.full((b, 1), model.cfg.gen_start_token_id, jnp.int32))
+    embeds = model.backbone.embed(input_ids)
+    queries = jnp.broadcast_to(model.latent_queries[...].astype(embeds.dtype), (b, n, embeds.shape[-1]))
+    embeds = jnp.concatenate([embeds, marker, queries], axis=1)
+    mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((b, n + 1), jnp.int32)], axis=1)
+    return model.backbone.hidden_states(embeds, mask)[:, -n:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Construction, sharding and training helpers
+
+
+def component_rules(cfg):
+    """Parameter path -> the rule table of its component (config.sharding)."""
+    tables = {name: sharding.rules_for(cfg.sharding[name]) for name in ("llm", "vision", "dit", "target")}
+
+    def choose(path: tuple) -> sharding.Rules:
+        if path[0] == "backbone":
+            return tables["vision"] if len(path) > 1 and path[1] == "visual" else tables["llm"]
+        if path[0] == "target_encoder":
+            return tables["target"]
+        return tables["dit"]  # gen_head and latent_queries
+
+    return choose
+
+
+def build_model(cfg, mesh, seed: int | None = None) -> Blip3o:
+    """A Blip3o with every parameter born sharded on ``mesh`` (one rule table per component)."""
+    mcfg = Blip3oConfig.from_config(cfg)
+    seed = cfg.train.seed if seed is None else seed
+    return sharding.create_sharded(lambda: Blip3o(mcfg, rngs=nnx.Rngs(seed)), mesh, component_rules(cfg))
+
+
+def abstract_model(cfg, mesh):
+    """(graphdef, abstract state with target shardings) without allocating anything."""
+    mcfg = Blip3oConfig.from_config(cfg)
+    return sharding.abstract_with_shardings(lambda: Blip3o(mcfg, rngs=nnx.Rngs(0)), mesh, component_rules(cfg))
+
+
+def trainable_filter(stage: str):
+    """Which parameters a stage trains; everything else is frozen (no gradients, no optimizer state)."""
+    head = nnx.Any(nnx.PathContains("gen_head"), nnx.PathContains("latent_queries"))
+    if stage in ("generation", "instruction"):
+        return nnx.All(nnx.Param, head)
+    if stage == "understanding":
+        return nnx.All(nnx.Param, nnx.PathContains("backbone"))
+    if stage == "joint":
+        return nnx.All(nnx.Param, nnx.Any(head, nnx.PathContains("backbone")))
+    raise ValueError(f"stage {stage!r} trains nothing; allowed: generation, instruction, understanding, joint")
+
+
+def stage_loss(model: Blip3o, stage: str, batch: dict, rng: jax.Array, image_grid=None) -> tuple[jax.Array, dict]:
+    if stage in ("generation", "instruction"):
+        return model.generation_loss(batch, rng)
+    if stage == "understanding":
+        return model.understanding_loss(batch, image_grid)
+    if stage == "joint":
+        gen, gen_aux = model.generation_loss(batch, rng)
+        und, und_aux = model.understanding_loss(batch, image_grid)
+        return gen + und, {"generation_loss": gen, "understanding_loss": und, **gen_aux, **und_aux}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def prepare_batch(host: dict, cfg) -> tuple[dict, tuple | None]:
+    """Host-side (numpy) work before a batch is placed on the mesh: M-RoPE positions for image
+    samples (placed batch-first) and the static per-sample image grid the jitted step is built for.
+    Returns (numeric batch, image grid or None)."""
+    host = {k: v for k, v in host.items() if np.asarray(v).dtype.kind in "biuf"}
+    if "pixel_values" not in host:
+        return host, None
+    grids = np.asarray(host.pop("image_grid_thw"))
+    num_patches = np.asarray(host.pop("num_patches"))
+    if (grids != grids[0]).any() or (num_patches != host["pixel_values"].shape[1]).any():
+        raise ValueError("understanding batches need one image size per run (fixed shapes under jit); got grids "
+                         f"{np.unique(grids, axis=0).tolist()} - set config.data.und_image_size/max_patches")
+    from blip3o_jax.models.qwen_vision import get_rope_index
+
+    m = cfg.model
+    positions, _ = get_rope_index(host["input_ids"], grids, host["attention_mask"],
+                                  spatial_merge_size=m.vision.spatial_merge_size,
+                                  image_token_id=m.image_pad_token_id, vision_start_token_id=m.vision_start_token_id)
+    host["position_ids"] = np.ascontiguousarray(np.swapaxes(positions, 0, 1))
+    return host, tuple(int(v) for v in grids[0])
+
+
+def param_count(tree) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def step_flops(cfg, stage: str, n_trainable: int) -> float:
+    """Analytic FLOPs of one optimizer step (flops.py conventions)."""
+    _, abstract = abstract_model(cfg, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    b, length = cfg.data.global_batch_size, cfg.data.max_length
+    llm = param_count(abstract["backbone"]["model"])
+    head = param_count(abstract["gen_head"])
+    target = param_count(abstract["target_encoder"]) if "target_encoder" in abstract else 0
+    n_tokens_target = (cfg.model.eva.image_size // cfg.model.eva.patch_size) ** 2 + 1
+    total = 0.0
+    if stage in ("generation", "instruction", "joint"):
+        llm_mode = "train" if stage == "joint" else "backprop"  # grads flow through the LLM to the queries
+        total += flops.dense_flops(llm, b * length, llm_mode)
+        total += flops.dense_flops(head, b * (cfg.model.dit.input_size // cfg.model.dit.patch_size) ** 2, "train")
+        total += flops.dense_flops(target, b * n_tokens_target, "forward")
+    if stage in ("understanding", "joint"):
+        total += flops.dense_flops(llm, b * length, "train")
+    return total
+
+
+def load_params(model: Blip3o, path: str, mesh=None) -> None:
+    """Parameter-only initialisation in place: from an Orbax parameter checkpoint of this project
+    (``convert`` output or a finished stage's ``WORKDIR/params``) or from a PyTorch directory in the
+    released layout. Arrays land in the shardings the model already has."""
+    import os
+
+    from blip3o_jax import checkpointing
+
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "params")):
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
+        nnx.update(model, checkpointing.restore_params(path, abstract))
+        return
+    from blip3o_jax import convert
+
+    convert.load_into(model, path)

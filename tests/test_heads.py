@@ -1,0 +1,94 @@
+"""Generation heads (reference 12.1): the registry, the VAE-latent flow head (the DiT with another config)
+overfitting a fixed batch, and the CLIP + MSE head learning a toy regression with n_query != N.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from blip3o_jax import configlib
+from blip3o_jax.flow import FlowConfig
+from blip3o_jax.models import heads
+from blip3o_jax.models.dit import DiTConfig
+
+# A VAE-latent target: 4 latent channels on an 8x8 latent grid, 2x2 patches -> 16 DiT tokens.
+VAE_CFG = DiTConfig(input_size=8, patch_size=2, in_channels=4, dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                    multiple_of=32, latent_embedding_size=32)
+
+
+def train_fixed_batch(head, loss_fn, steps: int, lr: float) -> list[float]:
+    """Adam on ``loss_fn(head)``, one jitted step; returns every step's loss."""
+    graphdef, params = nnx.split(head, nnx.Param)
+    opt = optax.adam(lr)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state, losses = opt.init(params), []
+    for _ in range(steps):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    nnx.update(head, params)
+    return losses
+
+
+def test_registry_matches_config_choices():
+    assert set(heads.HEADS) == set(configlib.CHOICES["model.gen_head"])
+    with pytest.raises(ValueError, match="unknown generation head 'nope'"):
+        heads.build_head("nope", VAE_CFG, rngs=nnx.Rngs(0))
+
+
+def test_vae_latent_flow_head_overfits_a_fixed_batch():
+    head = heads.build_head("flow", VAE_CFG, flow_cfg=FlowConfig(cond_dropout=0.25), remat="full",
+                            rngs=nnx.Rngs(0))
+    assert isinstance(head, heads.GenHead) and head.target_shape == (64, 4)
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((4, 64, 4)).astype(np.float32)
+    z = rng.standard_normal((4, 5, 32)).astype(np.float32)
+    key = jax.random.key(0)  # the same sigma, noise and dropout every step: a fixed regression problem
+    losses = train_fixed_batch(head, lambda h: h.loss(x0, z, key), steps=60, lr=3e-3)
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+    out = head.sample(z, jax.random.key(1), num_steps=4)  # noise drawn from a key
+    assert out.shape == (4, 64, 4) and np.isfinite(np.asarray(out)).all()
+
+
+def test_mse_head_regresses_targets_with_fewer_queries():
+    n_query = 4  # 2x2 query grid onto the 4x4 target grid through the learned token map
+    cfg = DiTConfig(input_size=4, in_channels=8, dim=32, latent_embedding_size=16)
+    head = heads.build_head("mse", cfg, n_query=n_query, rngs=nnx.Rngs(0))
+    assert isinstance(head, heads.GenHead) and head.token_map[...].shape == (16, n_query)
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((8, n_query, 16)).astype(np.float32)
+    x0 = np.tanh(np.einsum("nq,bqh,hc->bnc", heads.interpolation_matrix(16, n_query), z,
+                           rng.standard_normal((16, 8)) / 4)).astype(np.float32)
+    losses = train_fixed_batch(head, lambda h: h.loss(x0, z, None), steps=100, lr=1e-2)
+    assert losses[-1] < losses[0] / 10, losses[::20]
+    out = head.sample(z, None)
+    assert out.shape == x0.shape
+    np.testing.assert_allclose(float(jnp.mean((out - x0) ** 2)), losses[-1], rtol=0.5)
+
+
+def test_mse_head_without_token_map_when_counts_match():
+    cfg = DiTConfig(input_size=2, in_channels=3, dim=8, latent_embedding_size=5)
+    head = heads.build_head("mse", cfg, n_query=4, rngs=nnx.Rngs(0))
+    assert head.token_map is None
+    assert head.sample(jnp.ones((2, 4, 5)), None).shape == (2, 4, 3)
+
+
+def test_interpolation_matrix():
+    np.testing.assert_array_equal(heads.interpolation_matrix(16, 16), np.eye(16))
+    a = heads.interpolation_matrix(64, 16)  # bilinear 4x4 -> 8x8
+    np.testing.assert_allclose(a.sum(1), 1, rtol=1e-6)
+    grid = np.arange(16, dtype=np.float32).reshape(4, 4)
+    up = (a @ grid.reshape(16)).reshape(8, 8)
+    assert up[0, 0] == grid[0, 0] and up[-1, -1] == grid[-1, -1]
+    np.testing.assert_allclose(heads.interpolation_matrix(5, 3).sum(1), 1, rtol=1e-6)

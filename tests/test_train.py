@@ -1,0 +1,172 @@
+"""The trainer: exact resume after SIGKILL, clean exit on SIGTERM, sharded == single-device steps,
+frozen parameters untouched and without optimizer state, non-finite steps skipped."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from blip3o_jax import train as train_lib
+from blip3o_jax.data import synthetic
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_STEPS = 8
+# Fields that depend on wall time; everything else must be identical after a resume.
+TIMING = {"step_time", "images_per_s", "mfu"}
+
+
+def demo_config(**overrides):
+    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config("smoke")
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    shards = synthetic.write_synthetic_shards(str(root / "shards"), num_samples=128, samples_per_shard=64)
+    synthetic.train_demo_tokenizer(str(root / "tokenizer"))
+    return {"data.paths": ",".join(shards), "data.tokenizer": str(root / "tokenizer"), "data.source": "webdataset"}
+
+
+def run_overrides(data, **extra):
+    base = {"train.stage": "generation", "train.num_steps": NUM_STEPS, "train.log_every": 1,
+            "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "data.global_batch_size": 8, **data}
+    base.update(extra)
+    return base
+
+
+def cli(workdir, overrides):
+    args = [sys.executable, "-m", "blip3o_jax.train", "--config", "configs/demo.py:smoke", "--workdir", str(workdir)]
+    args += [f"--config.{k}={v}" for k, v in overrides.items()]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def metric_rows(workdir):
+    with open(pathlib.Path(workdir) / "metrics.jsonl") as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f if line.strip()]
+
+
+def flat(tree):
+    """{'backbone/model/...': array}; integer and string keys alike (Orbax restores ints as strings)."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "idx", k)))
+    return {"/".join(name(k) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def final_params(workdir):
+    with ocp.StandardCheckpointer() as ckptr:
+        return flat(ckptr.restore(os.path.abspath(os.path.join(workdir, "params", "params"))))
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for training progress")
+        time.sleep(0.2)
+
+
+def latest_checkpoint(workdir):
+    d = pathlib.Path(workdir) / "checkpoints"
+    steps = [int(p.name) for p in d.glob("*") if p.name.isdigit()] if d.exists() else []
+    return max(steps, default=None)
+
+
+@pytest.fixture(scope="module")
+def reference_run(data, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("reference")
+    train_lib.train(demo_config(**run_overrides(data)), str(workdir))
+    return workdir
+
+
+def test_sigterm_then_sigkill_then_resume_is_exact(data, reference_run, tmp_path):
+    workdir = tmp_path / "run"
+    overrides = run_overrides(data)
+    # 1) SIGTERM while training: a checkpoint at the current step and exit code 0, within seconds.
+    proc = cli(workdir, overrides)
+    wait_for(lambda: (workdir / "metrics.jsonl").exists() and len(metric_rows(workdir)) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    start = time.time()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+    assert time.time() - start < 30
+    stopped_at = latest_checkpoint(workdir)
+    assert stopped_at is not None and 1 <= stopped_at < NUM_STEPS
+
+    # 2) The same command continues from there; SIGKILL it after it has made progress.
+    proc = cli(workdir, overrides)
+    wait_for(lambda: (latest_checkpoint(workdir) or 0) > stopped_at and len(metric_rows(workdir)) > stopped_at + 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = latest_checkpoint(workdir)
+    assert stopped_at < killed_at < NUM_STEPS
+
+    # 3) And once more, to the end: byte-identical parameters and identical metrics.
+    train_lib.train(demo_config(**overrides), str(workdir))
+    ref, got = final_params(reference_run), final_params(workdir)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        np.testing.assert_array_equal(got[key], ref[key], err_msg=key)
+    assert metric_rows(workdir) == metric_rows(reference_run)
+    assert [r["step"] for r in metric_rows(workdir)] == list(range(1, NUM_STEPS + 1))
+
+
+def test_frozen_parts_have_no_optimizer_state_and_do_not_change(data, reference_run):
+    from blip3o_jax import model as model_lib
+    from blip3o_jax import sharding
+
+    ckpt_dir = reference_run / "checkpoints" / str(NUM_STEPS) / "state"
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.abspath(ckpt_dir))
+    opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state["opt_state"])]
+    param_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state["params"])]
+    assert opt_paths and all("backbone" not in p and "target_encoder" not in p for p in opt_paths + param_paths)
+    assert any("gen_head" in p for p in param_paths) and any("latent_queries" in p for p in param_paths)
+
+    cfg = demo_config(**run_overrides(data))
+    initial = model_lib.build_model(cfg, sharding.make_mesh(cfg.mesh))
+    from flax import nnx
+
+    init = flat(nnx.to_pure_dict(nnx.state(initial)))
+    final = final_params(reference_run)
+    frozen = [k for k in init if "backbone" in k or "target_encoder" in k]
+    assert frozen
+    for k in frozen:
+        np.testing.assert_array_equal(final[k], init[k], err_msg=k)
+    changed = [k for k in init if "gen_head" in k and not np.array_equal(final[k], init[k])]
+    assert changed
+
+
+def test_sharded_step_equals_single_device(data, tmp_path):
+    base = run_overrides(data, **{"train.num_steps": 2, "train.checkpoint_every": 100})
+    single = demo_config(**base, **{"mesh.data": 1})
+    train_lib.train(single, str(tmp_path / "single"), devices=jax.devices()[:1])
+    sharded = demo_config(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "sharding.llm": "fsdp",
+                                     "sharding.dit": "fsdp", "sharding.vision": "fsdp", "sharding.target": "fsdp"})
+    train_lib.train(sharded, str(tmp_path / "sharded"))
+    a, b = final_params(tmp_path / "single"), final_params(tmp_path / "sharded")
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=2e-6, err_msg=key)
+    la = [r["loss"] for r in metric_rows(tmp_path / "single")]
+    lb = [r["loss"] for r in metric_rows(tmp_path / "sharded")]
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
