@@ -102,8 +102,21 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     state = abstract_params if isinstance(abstract_params, nnx.State) else None
     target = nnx.to_pure_dict(state) if state is not None else abstract_params
     with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(path, "params"), target)
+        # Orbax stores dict keys as strings; list-like NNX containers have integer keys.
+        restored = _keys_like(ckptr.restore(os.path.join(path, "params"), _string_keys(target)), target)
     if state is None:
         return restored
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+
+def _string_keys(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _keys_like(tree: Any, like: Any) -> Any:
+    if isinstance(like, dict):
+        return {k: _keys_like(tree[str(k)], v) for k, v in like.items()}
+    return tree

@@ -130,6 +130,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""  # an Orbax checkpoint or PyTorch directory to initialise parameters from
     c.train.max_nonfinite_steps = 10
 
+    # The embedded demo (train.stage = "pipeline"): steps of each stage and evaluation sizes.
+    c.demo = ml_collections.ConfigDict()
+    c.demo.target_steps = 300
+    c.demo.understanding_steps = 600
+    c.demo.generation_steps = 1500
+    c.demo.decoder_steps = 1500
+    c.demo.eval_questions = 48
+    c.demo.eval_prompts = 48
+
     c.lock()
     return c
 

@@ -279,13 +279,15 @@ def step_flops(cfg, stage: str, n_trainable: int) -> float:
 
 def load_params(model: Blip3o, path: str, mesh=None) -> None:
     """Parameter-only initialisation in place: from an Orbax parameter checkpoint of this project
-    (``convert`` output or a finished stage's ``WORKDIR/params``) or from a PyTorch directory in the
+    (``convert`` output, a finished stage's ``WORKDIR/params``, or that WORKDIR) or from a PyTorch directory in the
     released layout. Arrays land in the shardings the model already has."""
     import os
 
     from blip3o_jax import checkpointing
 
     path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "params", "params")):  # a finished stage's WORKDIR
+        path = os.path.join(path, "params")
     if os.path.isdir(os.path.join(path, "params")):
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
         nnx.update(model, checkpointing.restore_params(path, abstract))

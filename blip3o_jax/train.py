@@ -48,7 +48,10 @@ def main(argv: list[str]) -> None:
 
     from blip3o_jax import configlib
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/JAX chatter; our own progress is INFO below
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     maybe_initialize_distributed(FLAGS.distributed)
     cfg = FLAGS.config
     try:
@@ -60,7 +63,7 @@ def main(argv: list[str]) -> None:
     if cfg.train.stage == "pipeline":
         from blip3o_jax import demo
 
-        demo.run(cfg, workdir)
+        demo.run(cfg, workdir, train_stage=train)  # passed in: this module may be __main__
     else:
         train(cfg, workdir)
 

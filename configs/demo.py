@@ -36,6 +36,8 @@ def get_config(arg: str | None = None):
     c.data.global_batch_size = 16
     c.data.max_length = 64
     c.data.image_size = 64
+    c.data.und_image_size = 64  # -> 56 px for the ViT: 4x4 patches, 4 image tokens
+    c.data.max_turns = 1
     c.train.stage = "pipeline"
     c.train.num_steps = 2000
     c.train.learning_rate = 3e-4
@@ -44,9 +46,10 @@ def get_config(arg: str | None = None):
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     if arg == "smoke":
-        c.train.num_steps = 20
         c.train.log_every = 5
-        c.train.checkpoint_every = 10
+        c.demo.update(dict(target_steps=10, understanding_steps=10, generation_steps=10, decoder_steps=10,
+                           eval_questions=4, eval_prompts=4))
+        c.flow.sample_steps = 4
     elif arg:
         raise ValueError(f"configs/demo.py: unknown argument {arg!r}; allowed: '', 'smoke'")
     return c
