@@ -22,6 +22,7 @@ from blip3o_jax.models.dit import DiTConfig
 from blip3o_jax.models.eva_clip import EvaConfig
 from blip3o_jax.models.qwen2_5_vl import QwenTextConfig, QwenVisionConfig
 from blip3o_jax.models.siglip2 import Siglip2Config
+from blip3o_jax.models.unet import UNetConfig
 
 COMPONENT_CONFIGS = {
     "llm": QwenTextConfig,
@@ -29,6 +30,7 @@ COMPONENT_CONFIGS = {
     "dit": DiTConfig,
     "eva": EvaConfig,
     "siglip2": Siglip2Config,
+    "decoder": UNetConfig,  # the diffusion decoder: target tokens -> pixels (reference 9)
 }
 
 CHOICES = {
@@ -233,6 +235,15 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _require(sig.hidden_size % sig.num_attention_heads == 0, "model.siglip2.num_attention_heads",
              f"{sig.num_attention_heads} heads do not divide hidden_size {sig.hidden_size}")
 
+    dec = m.decoder
+    _require(dec.projection_class_embeddings_input_dim == dec.cross_attention_dim + 6 * dec.addition_time_embed_dim,
+             "model.decoder.projection_class_embeddings_input_dim",
+             f"must be cross_attention_dim + 6 * addition_time_embed_dim = "
+             f"{dec.cross_attention_dim + 6 * dec.addition_time_embed_dim}")
+    _require(len(dec.block_out_channels) == len(dec.down_block_types) == len(dec.up_block_types)
+             == len(dec.transformer_layers_per_block) == len(dec.attention_head_dim),
+             "model.decoder.block_out_channels", "block_out_channels, down/up_block_types, "
+             "transformer_layers_per_block and attention_head_dim need one entry per level")
     n_tokens = (dit.input_size // dit.patch_size) ** 2
     if m.target_encoder == "eva_clip":
         _require(eva.pooling.startswith("early_pool2d_"), "model.eva.pooling",

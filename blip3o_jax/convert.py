@@ -25,9 +25,11 @@ target encoder (then the model has none, or keeps the one it has: ``load_into``)
 The Orbax form written by the CLI is ``DST/params`` (the parameter state, checkpointing.save_params
 layout, restorable onto any mesh) and ``DST/config.json``: the project's ml_collections config as a
 dict (``configlib.base_config()`` schema). ``load_checkpoint`` rebuilds a model from either form, so
-``generate --checkpoint`` and ``convert --to torch`` take both. The CLI writes the Orbax checkpoint in
-groups of parameters (Orbax partial saves), so host memory stays near the largest parameter array
-plus a constant instead of the model size, also when the "devices" are host CPUs.
+``generate --checkpoint`` and ``convert --to torch`` take both. The CLI (``torch_to_orbax``, one host)
+assembles parameter arrays as host numpy arrays and writes them in groups (Orbax partial saves), so
+peak host memory stays near twice the largest parameter array plus a constant, not the model size
+(benchmarks/convert_memory.py measures it). ``--to torch`` loads the Orbax checkpoint on the host CPU
+and writes one tensor at a time.
 """
 
 from __future__ import annotations
@@ -482,8 +484,8 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any | None = None, mesh: jax
 
 
 def _host_leaf(view, entries, shape, dtype) -> np.ndarray:
-    """One parameter array in NNX layout built on the host from its torch tensors (a stacked layer
-    array is filled layer by layer; a lone tensor is used as read, without extra copies)."""
+    """One parameter array in NNX layout built on the host from its torch tensors: a stacked layer
+    array is filled layer by layer; a lone tensor is used as read (one copy only if it is transposed)."""
     if entries[0][1] is None:
         ((key, _, transform),) = entries
         # Contiguous before Orbax sees it: it would otherwise copy a transposed view twice.
@@ -557,11 +559,16 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = 
     for leftover in (staging, os.path.join(dst, "params")):
         shutil.rmtree(leftover, ignore_errors=True)
     view = _Progress(directory.ckpt, len(expected), "converting tensors", progress)
+    # The arrays are ours and never modified while written: no defensive host copy, bounded write buffers.
+    context = ocp_v1.Context()
+    context.memory.deepcopy_host_arrays = False
+    context.memory.write_concurrent_bytes = group_bytes
     try:
-        for group in groups:
-            # The plain nested dict of checkpointing.save_params, one group of keys per partial save.
-            ocp_v1.partial.save(staging, _group_tree(view, group, entries))
-            _release_freed_memory()
+        with context:
+            for group in groups:
+                # The plain nested dict of checkpointing.save_params, one group of keys per partial save.
+                ocp_v1.partial.save(staging, _group_tree(view, group, entries))
+                _release_freed_memory()
     finally:
         view.close()
     ocp_v1.partial.finalize(staging)

@@ -108,6 +108,70 @@ def train_target_encoder(cfg, workdir: str, steps: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stage: pixel decoder
+
+
+def decoder_uncond(model):
+    """The decoder's negative condition: target features of an all-zero (normalized) image, as in the
+    Emu2-style autoencoding path (reference 3.3 b); the same tokens are used in training and sampling."""
+    s = model.target_encoder.cfg.image_size
+    return model.target_encoder.target_features(np.zeros((1, s, s, 3), np.float32))
+
+
+def train_decoder(cfg, workdir: str, model, steps: int):
+    """Trains the tiny pixel-space UNet on (EVA features of a rendered scene -> that scene at 32 px)."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from blip3o_jax import checkpointing, configlib, preprocess, scheduler, sharding
+    from blip3o_jax.data import synthetic
+    from blip3o_jax.models.unet import UNet2DConditionModel
+
+    ucfg = configlib.component(cfg, "decoder")
+    mesh = sharding.make_mesh(cfg.mesh)
+    unet = sharding.create_sharded(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(3)), mesh,
+                                   sharding.rules_for(cfg.sharding.target))
+    if _done(workdir):
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(unet))
+        nnx.update(unet, checkpointing.restore_params(os.path.join(workdir, "params"), abstract))
+        return unet
+    pre = preprocess.for_encoder(cfg.model.target_encoder, cfg.model.eva.image_size)
+    rng = np.random.default_rng(cfg.data.seed + 11)
+    size = ucfg.sample_size
+    uncond = decoder_uncond(model)
+    encoder_def, encoder_state = nnx.split(model.target_encoder)
+    graphdef, params = nnx.split(unet, nnx.Param)
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-3, max(steps // 20, 1), max(steps, 2), 1e-4))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state, images, pixels, key):
+        feats = nnx.merge(encoder_def, encoder_state).target_features(images)
+        loss_fn = lambda p: scheduler.diffusion_loss(nnx.merge(graphdef, p), pixels, feats, key, uncond=uncond,
+                                                     cond_drop_prob=0.1)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    with jax.set_mesh(mesh):
+        for i in range(steps):
+            images, pixels = [], []
+            for _ in range(cfg.data.global_batch_size):
+                scene = synthetic.random_scene(rng, two_objects=bool(rng.random() < 0.25))
+                picture = synthetic.render(scene, cfg.data.image_size, rng)
+                images.append(pre(picture))
+                pixels.append(np.asarray(picture.resize((size, size), 3), np.float32) / 127.5 - 1.0)
+            params, opt_state, loss = step(params, opt_state, np.stack(images), np.stack(pixels),
+                                           jax.random.key(i))
+            if (i + 1) % max(steps // 5, 1) == 0:
+                logging.info("decoder step %d/%d: loss %.4f", i + 1, steps, float(loss))
+    nnx.update(unet, params)
+    checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(unet))
+    return unet
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
@@ -156,6 +220,34 @@ def generated_features(cfg, model, tokenizer, captions: list[str], seed: int):
     return model.sample_features(z, noise, num_steps=cfg.flow.sample_steps, guidance=cfg.flow.guidance)
 
 
+def generation_accuracy(cfg, model, unet, tokenizer, n: int, seed: int):
+    """Held-out single-object prompts -> features -> pixels, read back by demo_scoring; plus a grid."""
+    import jax
+    from PIL import Image
+
+    from blip3o_jax import demo_scoring, scheduler
+    from blip3o_jax.data import synthetic
+
+    rng = np.random.default_rng(seed)
+    combos = [{"shape": s, "color": c, "position": p} for s in synthetic.SHAPES for c in synthetic.COLORS
+              for p in synthetic.POSITIONS]
+    objects = [combos[i] for i in rng.permutation(len(combos))[:n]] if n <= len(combos) else \
+        [combos[i % len(combos)] for i in range(n)]
+    captions = [synthetic.caption_of([o]) for o in objects]
+    feats = generated_features(cfg, model, tokenizer, captions, seed)
+    size = unet.cfg.sample_size
+    images = scheduler.decode_features(unet, feats, decoder_uncond(model), jax.random.key(seed + 1), height=size,
+                                       width=size, num_steps=50, guidance_scale=3.0)
+    images = np.asarray(jax.device_get(images) * 255).round().astype(np.uint8)
+    result = demo_scoring.accuracy(list(images), objects)
+    cols = 8
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
+    for i, im in enumerate(images):
+        grid.paste(Image.fromarray(im), ((i % cols) * size, (i // cols) * size))
+    return result, grid
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -186,10 +278,15 @@ def run(cfg, workdir: str, train_stage) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     model = model_lib.build_model(cfg, mesh)
     model_lib.load_params(model, previous, mesh)
+    unet = train_decoder(cfg, os.path.join(workdir, "decoder"), model, d.decoder_steps)
+
     with jax.set_mesh(mesh):
         understanding = understanding_accuracy(cfg, model, tokenizer, d.eval_questions, seed=cfg.data.seed + 101)
-    report = {"understanding": understanding, "generation": None, "wall_seconds": time.time() - start,
-              "samples": None}
+        generation, grid = generation_accuracy(cfg, model, unet, tokenizer, d.eval_prompts, seed=cfg.data.seed + 202)
+    samples = os.path.join(workdir, "samples.png")
+    grid.save(samples)
+    report = {"generation": generation, "understanding": understanding, "wall_seconds": time.time() - start,
+              "samples": os.path.relpath(samples, workdir)}
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     logging.info("demo report: %s", json.dumps(report))

@@ -26,6 +26,12 @@ def get_config(arg: str | None = None):
                       multiple_of=32, latent_embedding_size=64))
     m.siglip2.update(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           patch_size=8, num_patches=64, image_size=64, num_pooled_tokens=16))
+    # Pixel-space decoder (no VAE): EVA tokens -> 32x32 RGB, the same UNet class as the SDXL-layout one.
+    m.decoder.update(dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                          layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
+                          attention_head_dim=(2, 4), cross_attention_dim=64, addition_time_embed_dim=16,
+                          projection_class_embeddings_input_dim=64 + 6 * 16, norm_num_groups=8))
     m.n_query = 16
     # Special tokens live at the top of the demo's own tiny vocabulary.
     m.pad_token_id, m.image_pad_token_id, m.vision_start_token_id, m.vision_end_token_id = 1000, 1001, 1002, 1003

@@ -236,12 +236,20 @@ def test_cli_round_trip_torch_orbax_torch(released, model, tmp_path):
 
 
 def test_missing_target_encoder_and_tied_head(released, model, tmp_path):
-    """No gen_vision_tower -> no target encoder; load_into keeps the model's own target encoder."""
+    """No gen_vision_tower -> no target encoder; load_into keeps the model's own target encoder. Tied
+    embeddings: no lm_head.weight needed (and none in the model)."""
     tensors = {k: v for k, v in released["tensors"].items() if not k.startswith("model.gen_vision_tower.")}
-    _write_dir(tmp_path, tensors, released["config"])
-    bare = convert.load_torch(tmp_path)
+    _write_dir(tmp_path / "no_eva", tensors, released["config"])
+    bare = convert.load_torch(tmp_path / "no_eva")
     assert bare.target_encoder is None and bare.cfg.target_encoder == "none"
-    convert.load_into(model, tmp_path)  # fills everything else in place, leaves the EVA untouched
+    before = np.asarray(model.target_encoder.pos_embed[...])
+    convert.load_into(model, tmp_path / "no_eva")  # fills everything else in place, leaves the EVA untouched
+    np.testing.assert_array_equal(np.asarray(model.target_encoder.pos_embed[...]), before)
+
+    del tensors["lm_head.weight"]
+    _write_dir(tmp_path / "tied", tensors, released["config"] | {"tie_word_embeddings": True})
+    tied = convert.load_torch(tmp_path / "tied")
+    assert tied.cfg.llm.tie_word_embeddings and "lm_head" not in nnx.state(tied, nnx.Param)["backbone"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,3 +326,10 @@ def test_released_parameter_counts(name, dit, queries, qwen):
     assert counts["DiT head"] == dit and counts["latent_queries"] == queries
     assert counts["qwen vision tower"] + counts["qwen decoder"] + counts["lm_head"] == qwen
     assert 4.3e9 < counts["EVA-CLIP target"] < 4.4e9  # "about 4.35 B" (reference 10.1)
+
+
+def test_bfloat16_load(released):
+    half = convert.load_torch(released["path"], dtype="bfloat16", with_target_encoder=False)
+    assert half.target_encoder is None and half.cfg.param_dtype == "bfloat16"
+    dtypes = {str(x.dtype) for x in jax.tree.leaves(nnx.state(half, nnx.Param))}
+    assert dtypes == {"bfloat16"}

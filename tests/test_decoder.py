@@ -244,12 +244,9 @@ def test_released_layout_matches_diffusers():
         )
     assert sum(p.numel() for p in ref_unet.parameters()) == 2_525_520_644
     assert sum(p.numel() for p in ref_vae.parameters()) == 83_653_863
-    for ref, rules, cfg, cls in (
-        (ref_unet, dm.unet_rules, UNetConfig(), UNet2DConditionModel),
-        (ref_vae, dm.vae_rules, vcfg, dm.AutoencoderKL),
-    ):
+    for ref, cfg, cls in ((ref_unet, UNetConfig(), UNet2DConditionModel), (ref_vae, vcfg, dm.AutoencoderKL)):
         abstract = nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-        expected = weights.expected_torch_keys(rules(cfg), abstract)
+        expected = weights.expected_torch_keys(dm.derive_rules(abstract), abstract)
         weights.check_coverage({k: tuple(v.shape) for k, v in ref.state_dict().items()}, expected)
 
 
