@@ -61,6 +61,19 @@ def linear(
     )
 
 
+def layer_norm(width: int, eps: float, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """Affine LayerNorm computed in float32 whatever the compute dtype (callers cast back)."""
+    return nnx.LayerNorm(
+        width,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
+        rngs=rngs,
+    )
+
+
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None], dtype=jnp.float32):
     """A bare nnx.Param with logical axis names."""
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(names))

@@ -82,19 +82,6 @@ def avg_pool_tokens(tokens: jax.Array, k: int) -> jax.Array:
     return grid.mean(axis=(2, 4)).reshape(b, (g // k) ** 2, c)
 
 
-def _layer_norm(width: int, eps: float, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Norms run in float32 whatever the compute dtype (callers cast the input up and the output back).
-    return nnx.LayerNorm(
-        width,
-        epsilon=eps,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-        rngs=rngs,
-    )
-
-
 class EvaAttention(nnx.Module):
     """Multi-head self-attention with one fused qkv Linear (torch ``attn.qkv``) and ``attn.proj``."""
 
@@ -133,9 +120,9 @@ class EvaBlock(nnx.Module):
 
     def __init__(self, cfg: EvaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.postnorm, self.dtype = cfg.postnorm, dtype
-        self.norm1 = _layer_norm(cfg.width, cfg.layer_norm_eps, param_dtype, rngs)
+        self.norm1 = nn.layer_norm(cfg.width, cfg.layer_norm_eps, param_dtype, rngs)
         self.attn = EvaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm2 = _layer_norm(cfg.width, cfg.layer_norm_eps, param_dtype, rngs)
+        self.norm2 = nn.layer_norm(cfg.width, cfg.layer_norm_eps, param_dtype, rngs)
         self.mlp = EvaMlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def _norm(self, norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:

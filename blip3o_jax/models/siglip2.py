@@ -95,19 +95,6 @@ def adaptive_avg_pool_tokens(tokens: jax.Array, out_side: int) -> jax.Array:
     return pooled.reshape(b, out_side * out_side, c)
 
 
-def _layer_norm(width: int, eps: float, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Norms run in float32 whatever the compute dtype (callers cast the input up and the output back).
-    return nnx.LayerNorm(
-        width,
-        epsilon=eps,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-        rngs=rngs,
-    )
-
-
 class Siglip2Attention(nnx.Module):
     def __init__(self, cfg: Siglip2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
@@ -141,9 +128,9 @@ class Siglip2Mlp(nnx.Module):
 class Siglip2EncoderLayer(nnx.Module):
     def __init__(self, cfg: Siglip2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.layer_norm1 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype, rngs)
+        self.layer_norm1 = nn.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype, rngs)
         self.self_attn = Siglip2Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layer_norm2 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype, rngs)
+        self.layer_norm2 = nn.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype, rngs)
         self.mlp = Siglip2Mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -225,7 +212,7 @@ class Siglip2VisionModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = Siglip2Embeddings(cfg, **kw)
         self.encoder = Siglip2Encoder(cfg, **kw)
-        self.post_layernorm = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype, rngs)
+        self.post_layernorm = nn.layer_norm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype, rngs)
 
     def hidden_state(self, images: jax.Array, index: int) -> jax.Array:
         n = layers_for_hidden_state(index, self.cfg.num_hidden_layers)
