@@ -50,8 +50,9 @@ def main(argv: list[str]) -> None:
 
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/JAX chatter; our own progress is INFO below
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/JAX chatter; our own progress stays at INFO
+    logging.getLogger("absl").setLevel(logging.WARNING)
     maybe_initialize_distributed(FLAGS.distributed)
     cfg = FLAGS.config
     try:

@@ -1,7 +1,7 @@
 """Decode + preprocess throughput from tar shards: the Grain pipeline with 0, 1, 2 workers against a
 plain single-process PIL loop over the same files, in the same run.
 
-    python -m blip3o_jax.data.benchmark [--num-images 384] [--size 448] [--workdir /tmp/blip3o_bench]
+    python -m blip3o_jax.data.benchmark [--num-images 384] [--size 448] [--workdir DIR]
 
 The images are photo-like JPEGs (smooth colour fields + noise, 512x640, so the resize and crop do real
 work) written once as webdataset shards. Each pipeline run is timed after its first batch (worker
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=384)
     parser.add_argument("--size", type=int, default=448)
-    parser.add_argument("--workdir", default="/tmp/blip3o_bench")
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "blip3o_bench"))
     args = parser.parse_args(argv)
     from absl import flags
 
