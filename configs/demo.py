@@ -45,6 +45,9 @@ def get_config(arg: str | None = None):
     c.data.und_image_size = 64  # -> 56 px for the ViT: 4x4 patches, 4 image tokens
     c.data.max_turns = 1
     c.train.stage = "pipeline"
+    # XLA's CPU convolutions make the tiny UNet cost ~1.8 s per step on 2 cores (BENCHMARKS.md), so the
+    # decoder stage is kept short here; it is the stage that limits the demo's image quality on CPU.
+    c.demo.decoder_steps = 300
     c.train.num_steps = 2000
     c.train.learning_rate = 3e-4
     c.train.min_learning_rate = 3e-5
