@@ -1,7 +1,7 @@
 """Embedded demo: tiny BLIP3-o trained end to end on synthetic shapes, on a CPU, with no downloads.
 
     python -m blip3o_jax.train --config configs/demo.py --workdir runs/demo      (= make demo)
-    python -m blip3o_jax.train --config configs/demo.py:smoke --workdir /tmp/smoke  (about a minute)
+    python -m blip3o_jax.train --config configs/demo.py:smoke --workdir runs/smoke  (every stage, tiny step counts)
 
 Every component exists at toy size (Qwen2.5-VL backbone, 2-layer ViT, DiT head, EVA-style target
 encoder) and runs the paper's stages on synthetic coloured-shape images with captions and questions.
