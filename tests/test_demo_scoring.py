@@ -29,3 +29,24 @@ def test_scorer_rejects_wrong_answers():
                                                      "position_accuracy": 0.0, "n": 1}
     blank = np.full((64, 64, 3), 255, np.uint8)
     assert demo_scoring.score_image(blank)["color"] is None
+
+
+def test_scorer_on_corrupted_images():
+    """Generated pictures are blurry and noisy: JPEG artefacts, blur and pixel noise keep the reading."""
+    import io
+
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(2)
+    images, objects = [], []
+    for i in range(120):
+        scene = synthetic.random_scene(rng, two_objects=False)
+        picture = synthetic.render(scene, 64, rng).filter(ImageFilter.GaussianBlur(1.0))
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=40)
+        noisy = np.asarray(Image.open(buf), np.float32) + rng.normal(0, 10, (64, 64, 3))
+        images.append(np.clip(noisy, 0, 255).astype(np.uint8))
+        objects.append(scene[0])
+    acc = demo_scoring.accuracy(images, objects)
+    assert acc["color_accuracy"] >= 0.95 and acc["position_accuracy"] >= 0.95, acc
+    assert acc["shape_accuracy"] >= 0.8, acc
