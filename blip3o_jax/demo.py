@@ -42,7 +42,6 @@ def _done(workdir: str) -> bool:
 def train_target_encoder(cfg, workdir: str, steps: int) -> None:
     """Supervised probes make the EVA features carry colour, shape and position (then discarded)."""
     import jax
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 

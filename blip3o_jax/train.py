@@ -12,13 +12,9 @@ bottom: mesh -> data -> model -> shardings -> jitted step -> resume -> loop. Sta
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import os
 import sys
-import time
-from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -77,7 +73,6 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     """
     import jax
     import jax.numpy as jnp
-    import numpy as np
     import optax
     from flax import nnx
 

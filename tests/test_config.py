@@ -5,7 +5,6 @@ import pathlib
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
 from blip3o_jax import configlib

@@ -1,6 +1,5 @@
 """The streaming converter core: layouts, sharded safetensors, coverage errors, pickle refusal."""
 
-import json
 import os
 
 import jax

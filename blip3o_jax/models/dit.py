@@ -369,7 +369,7 @@ class DiT(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.rules = rules  # logical-axis rule table for activation constraints (None: no constraints)
-        d, p = cfg.dim, cfg.patch_size
+        d = cfg.dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.caption_projection = MLP2(
             cfg.latent_embedding_size, d, d, (("embed", "mlp"), ("mlp", "embed")), _gelu_tanh, **kw
