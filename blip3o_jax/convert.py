@@ -14,7 +14,7 @@ Command line:
 A PyTorch directory is ``config.json`` (transformers-4.51 flat or transformers-5 nested Qwen2.5-VL
 fields, the BLIP3-o fields, optional ``dit_config`` / ``gen_vision_config`` size blocks) plus sharded
 safetensors. One mapping table covers the whole model: the Qwen tables of qwen_mapping (either key
-naming, through ``RenamedCheckpoint``), ``model.latent_queries``, the DiT table under
+naming, through ``qwen_mapping.canonical_view``), ``model.latent_queries``, the DiT table under
 ``model.dit.model.`` and the EVA table under ``model.gen_vision_tower.vision_tower.model.`` (fused or
 split q/v bias). Coverage is checked ONCE over all of it, so every missing, unexpected and mis-shaped
 key of every component is named in one ``CheckpointMismatchError``; then tensors stream one at a time
@@ -290,41 +290,6 @@ class _Progress:
             self.bar.close()
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
-
-
-class _DirectReads(weights.TorchCheckpoint):
-    """``TorchCheckpoint`` whose safetensors reads go straight from the file into one new array
-    (``np.fromfile`` at the tensor's offset) instead of through a memory map, so reading a tensor
-    never holds it twice in resident memory (mapped pages count as resident while the map is open)."""
-
-    def __init__(self, path, allow_pickle: bool = False):
-        super().__init__(path, allow_pickle=allow_pickle)
-        self._where: dict[str, tuple[str, int, str, tuple[int, ...]]] = {}
-        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-        index = os.path.join(self.path, "model.safetensors.index.json")
-        if os.path.exists(index):  # the files the index names, as TorchCheckpoint reads them
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        for fname in files:
-            file = os.path.join(self.path, fname)
-            with open(file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            for key, info in header.items():
-                if key != "__metadata__" and info["dtype"] in _SAFETENSORS_DTYPES:
-                    self._where[key] = (file, 8 + n + info["data_offsets"][0], info["dtype"], tuple(info["shape"]))
-
-    def get(self, key: str) -> np.ndarray:
-        if key not in self._where:
-            return super().get(key)
-        file, offset, dtype, shape = self._where[key]
-        dt = jnp.dtype(_SAFETENSORS_DTYPES[dtype])
-        x = np.fromfile(file, dtype=dt, count=int(np.prod(shape)), offset=offset).reshape(shape)
-        return x.astype(np.float32) if dtype in ("F16", "BF16") else x
-
-
 class TorchDirectory:
     """A BLIP3-o PyTorch directory: its config.json and a lazy view of every tensor under the released
     (4.51) names, whatever the naming on disk (transformers-5 Qwen names, timm-style split EVA q/v bias)."""
@@ -336,8 +301,8 @@ class TorchDirectory:
             raise FileNotFoundError(f"{self.path}: no config.json (expected a BLIP3-o / Qwen2.5-VL directory)")
         with open(config) as f:
             self.hf_config = json.load(f)
-        raw = _DirectReads(self.path, allow_pickle=allow_pickle)
-        self.ckpt = eva_mapping.FusedQkvBiasView(qwen_mapping.RenamedCheckpoint(raw))
+        raw = weights.TorchCheckpoint(self.path, allow_pickle=allow_pickle)
+        self.ckpt = eva_mapping.FusedQkvBiasView(qwen_mapping.canonical_view(raw))
 
     def has_target_encoder(self) -> bool:
         return any(k.startswith(EVA_PREFIX) for k in self.ckpt.keys())

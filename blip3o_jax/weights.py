@@ -84,26 +84,30 @@ class CheckpointMismatchError(ValueError):
 # Reading safetensors directories lazily
 
 
-class TorchCheckpoint:
-    """Read-only view of a Hugging Face weights directory: keys and shapes up front, tensors on demand.
+# safetensors dtype names -> numpy dtypes (bfloat16 via ml_dtypes, as jnp exposes it).
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
 
-    Accepts ``model.safetensors``, sharded ``model-XXXXX-of-YYYYY.safetensors`` with
-    ``model.safetensors.index.json``, or (only with ``allow_pickle=True``) ``pytorch_model*.bin``.
+
+class TorchCheckpoint:
+    """Read-only view of a weights directory: keys and shapes up front, tensors on demand.
+
+    Accepts ``{stem}.safetensors`` or sharded files with ``{stem}.safetensors.index.json`` (stem
+    ``model`` for Hugging Face models, ``diffusion_pytorch_model`` for diffusers components), trying
+    ``variants`` in order (``None`` = no variant, ``"bf16"`` = ``{stem}.bf16.safetensors``); any other
+    folder of ``*.safetensors`` is read whole. Pickle ``*.bin`` only with ``allow_pickle=True``.
+
+    Tensors are read straight from the file at their offset into one new array (no memory map), so a
+    read never holds a tensor twice in resident memory; float16/bfloat16 are upcast to float32.
     """
 
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
-        from safetensors import safe_open
-
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False, *, stem: str = "model",
+                 variants: Sequence[str | None] = (None,)):
         self.path = os.fspath(path)
-        self._files: dict[str, str] = {}  # key -> file
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._where: dict[str, tuple[str, int, Any, tuple[int, ...]]] = {}  # key -> file, offset, dtype, shape
         self._bin: dict[str, Any] | None = None
-        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-        index = os.path.join(self.path, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
+        files = self._pick_files(stem, variants)
         if not files:
             bins = sorted(f for f in os.listdir(self.path) if f.endswith(".bin"))
             if bins and not allow_pickle:
@@ -116,10 +120,29 @@ class TorchCheckpoint:
             self._load_bins(bins)
             return
         for fname in files:
-            with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
-                for key in f.keys():
-                    self._files[key] = fname
-                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
+            file = os.path.join(self.path, fname)
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            for key, info in header.items():
+                if key == "__metadata__":
+                    continue
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}")
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                self._where[key] = (file, 8 + n + info["data_offsets"][0], dtype, tuple(info["shape"]))
+        self._shapes = {k: v[3] for k, v in self._where.items()}
+
+    def _pick_files(self, stem: str, variants: Sequence[str | None]) -> list[str]:
+        names = set(os.listdir(self.path))
+        for variant in variants:
+            base = stem + (f".{variant}" if variant else "")
+            if base + ".safetensors" in names:
+                return [base + ".safetensors"]
+            if base + ".safetensors.index.json" in names:
+                with open(os.path.join(self.path, base + ".safetensors.index.json")) as f:
+                    return sorted(set(json.load(f)["weight_map"].values()))
+        return sorted(f for f in names if f.endswith(".safetensors"))
 
     def _load_bins(self, bins: list[str]) -> None:
         import torch  # only for explicitly allowed pickle checkpoints
@@ -144,17 +167,34 @@ class TorchCheckpoint:
         if self._bin is not None:
             t = self._bin[key]
             return t.float().numpy() if t.is_floating_point() else t.numpy()
-        from safetensors import safe_open
+        file, offset, dtype, shape = self._where[key]
+        x = np.fromfile(file, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+        return x.astype(np.float32) if x.dtype in (np.float16, jnp.bfloat16) else x
 
-        with safe_open(os.path.join(self.path, self._files[key]), framework="numpy") as f:
-            try:
-                x = f.get_tensor(key)
-            except TypeError:  # bfloat16 has no numpy dtype in safetensors' numpy backend
-                with safe_open(os.path.join(self.path, self._files[key]), framework="flax") as g:
-                    x = np.asarray(g.get_tensor(key).astype(jnp.float32))
-        if x.dtype in (np.float16,) or x.dtype.name == "bfloat16":
-            x = x.astype(np.float32)
-        return x
+
+class RenamedCheckpoint:
+    """A checkpoint seen under other key names (``rename(key)``); reads stay lazy."""
+
+    def __init__(self, ckpt, rename):
+        self.ckpt = ckpt
+        self._orig: dict[str, str] = {}
+        for key in ckpt.keys():
+            new = rename(key)
+            if new in self._orig:
+                raise ValueError(f"checkpoint holds both {self._orig[new]!r} and {key!r} (the same name after renaming)")
+            self._orig[new] = key
+
+    def keys(self) -> list[str]:
+        return list(self._orig)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.ckpt.shape(self._orig[key])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._orig
+
+    def get(self, key: str) -> np.ndarray:
+        return self.ckpt.get(self._orig[key])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ References = diffusers 0.42.1 ``UNet2DConditionModel`` built tiny with the SDXL 
 cross_attention_dim 32) and a tiny ``AutoencoderKL``, random weights (norm scales and biases perturbed
 away from their init), written with ``save_pretrained`` into a ``diffusion-decoder/`` folder together
 with an ``EulerDiscreteScheduler`` configured as reference 9, and loaded through
-``decoder_mapping.load_decoder`` (DiffusersWeights + weights.load_component). Float32; outputs compared
+``decoder_mapping.load_decoder`` (diffusers_weights + weights.load_component). Float32; outputs compared
 at rtol 1e-5 and atol = 1e-5 * max|reference|.
 """
 

@@ -25,7 +25,6 @@ import re
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from blip3o_jax import sharding, weights
@@ -166,67 +165,21 @@ def scheduler_config_from_dict(d: dict) -> SchedulerConfig:
 # Weights
 
 
-class DiffusersWeights:
-    """Read-only view of one diffusers component folder, with the interface load_component uses
-    (keys / shape / get). Picks ``diffusion_pytorch_model[.variant].safetensors`` (or its shards):
-    the full-precision file when present, otherwise a ``bf16``/``fp16`` variant, unless ``variant`` says."""
+def _current_vae_name(key: str) -> str:
+    """Old diffusers VAE attention names (query/key/value/proj_attn) -> current ones (to_q/.../to_out.0)."""
+    parts = key.rsplit(".", 2)
+    if len(parts) == 3 and parts[1] in _LEGACY_VAE_ATTENTION and ".attentions." in key:
+        return f"{parts[0]}.{_LEGACY_VAE_ATTENTION[parts[1]]}.{parts[2]}"
+    return key
 
-    def __init__(self, path: str | os.PathLike, variant: str | None = None):
-        from safetensors import safe_open
 
-        self.path = os.fspath(path)
-        self._files: dict[str, str] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._alias: dict[str, str] = {}  # our key -> key in the file
-        files = self._pick_files(variant)
-        for fname in files:
-            with safe_open(os.path.join(self.path, fname), framework="numpy") as f:
-                for key in f.keys():
-                    self._files[key] = fname
-                    self._shapes[key] = tuple(f.get_slice(key).get_shape())
-        for key in list(self._shapes):
-            parts = key.rsplit(".", 2)
-            if len(parts) == 3 and parts[1] in _LEGACY_VAE_ATTENTION and ".attentions." in key:
-                new = f"{parts[0]}.{_LEGACY_VAE_ATTENTION[parts[1]]}.{parts[2]}"
-                self._alias[new] = key
-                self._shapes[new] = self._shapes.pop(key)
-
-    def _pick_files(self, variant: str | None) -> list[str]:
-        names = os.listdir(self.path)
-        candidates = [variant] if variant else [None, "bf16", "fp16"]
-        for var in candidates:
-            stem = WEIGHTS_NAME + (f".{var}" if var else "")
-            if stem + ".safetensors" in names:
-                return [stem + ".safetensors"]
-            index = stem + ".safetensors.index.json"
-            if index in names:
-                return sorted(set(_read_json(os.path.join(self.path, index))["weight_map"].values()))
-        if any(n.endswith(".bin") for n in names):
-            raise ValueError(f"{self.path} holds only pickle (.bin) weights; convert them to safetensors first")
-        raise FileNotFoundError(f"no {WEIGHTS_NAME}[.{variant or 'bf16'}].safetensors in {self.path}")
-
-    def keys(self) -> list[str]:
-        return list(self._shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._shapes
-
-    def get(self, key: str) -> np.ndarray:
-        """One tensor as float32 numpy (bf16 / fp16 upcast)."""
-        from safetensors import safe_open
-
-        src = self._alias.get(key, key)
-        fname = os.path.join(self.path, self._files[src])
-        with safe_open(fname, framework="numpy") as f:
-            try:
-                x = f.get_tensor(src)
-            except TypeError:  # bfloat16 has no numpy dtype in safetensors' numpy backend
-                with safe_open(fname, framework="flax") as g:
-                    x = np.asarray(g.get_tensor(src).astype(jnp.float32))
-        return x.astype(np.float32) if x.dtype.kind == "f" else x
+def diffusers_weights(path: str | os.PathLike, variant: str | None = None) -> weights.RenamedCheckpoint:
+    """One diffusers component folder: ``diffusion_pytorch_model[.variant].safetensors`` (or its shards),
+    the full-precision file when present, else a ``bf16`` / ``fp16`` variant, unless ``variant`` says;
+    old VAE attention names are read under the current ones."""
+    variants = [variant] if variant else [None, "bf16", "fp16"]
+    return weights.RenamedCheckpoint(weights.TorchCheckpoint(path, stem=WEIGHTS_NAME, variants=variants),
+                                     _current_vae_name)
 
 
 def _load(model_cls, cfg, ckpt, mesh, rule_table, dtype, param_dtype, remat, where):
@@ -253,7 +206,7 @@ def load_unet(
     """``unet/`` folder (config.json + safetensors) -> UNet2DConditionModel, every tensor streamed into
     its sharding. Raises weights.CheckpointMismatchError naming every offending key."""
     cfg = unet_config_from_dict(_read_json(os.path.join(path, "config.json")))
-    ckpt = DiffusersWeights(path, variant)
+    ckpt = diffusers_weights(path, variant)
     return _load(UNet2DConditionModel, cfg, ckpt, mesh, rule_table, dtype, param_dtype, remat, "UNet")
 
 
@@ -268,7 +221,7 @@ def load_vae(
 ) -> AutoencoderKL:
     """``vae/`` folder -> AutoencoderKL (see load_unet)."""
     cfg = vae_config_from_dict(_read_json(os.path.join(path, "config.json")))
-    ckpt = DiffusersWeights(path, variant)
+    ckpt = diffusers_weights(path, variant)
     return _load(AutoencoderKL, cfg, ckpt, mesh, rule_table, dtype, param_dtype, "none", "VAE")
 
 

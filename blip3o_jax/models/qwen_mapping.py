@@ -7,7 +7,7 @@ Two key namings exist for the same tensors (reference 10.2):
     transformers >= 4.52 / 5 in-memory names
         model.visual.*   model.language_model.{embed_tokens,layers,norm}.*   lm_head.weight
 
-``canonical_key`` maps the second onto the first, and ``RenamedCheckpoint`` presents any checkpoint
+``canonical_key`` maps the second onto the first, and ``canonical_view`` presents any checkpoint
 under canonical names, so one mapping table (``qwen_rules``) serves both. config.json comes flat
 (4.51: text fields at the top level, ``rope_scaling``) or nested (5: ``text_config``,
 ``vision_config``, ``rope_parameters``); ``configs_from_hf`` reads both.
@@ -53,29 +53,9 @@ def canonical_key(key: str) -> str:
     return key
 
 
-class RenamedCheckpoint:
-    """A TorchCheckpoint seen under canonical (4.51) key names; reads stay lazy."""
-
-    def __init__(self, ckpt: weights.TorchCheckpoint, rename=canonical_key):
-        self.ckpt = ckpt
-        self._orig: dict[str, str] = {}
-        for key in ckpt.keys():
-            new = rename(key)
-            if new in self._orig:
-                raise ValueError(f"checkpoint holds both {self._orig[new]!r} and {key!r} (same tensor in two namings)")
-            self._orig[new] = key
-
-    def keys(self) -> list[str]:
-        return list(self._orig)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.ckpt.shape(self._orig[key])
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._orig
-
-    def get(self, key: str):
-        return self.ckpt.get(self._orig[key])
+def canonical_view(ckpt) -> weights.RenamedCheckpoint:
+    """A checkpoint seen under canonical (4.51) key names; reads stay lazy."""
+    return weights.RenamedCheckpoint(ckpt, canonical_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,7 +120,7 @@ def load_qwen(
     if not with_vision:
         ignore.append(r"visual\.")
     return weights.load_component(
-        RenamedCheckpoint(ckpt), qwen_rules(text_cfg, with_vision), abstract_state, ignore=ignore,
+        canonical_view(ckpt), qwen_rules(text_cfg, with_vision), abstract_state, ignore=ignore,
         where="Qwen2.5-VL backbone",
     )
 
@@ -277,7 +257,7 @@ def dataclass_defaults(cls) -> dict[str, Any]:
 
 __all__ = [
     "canonical_key",
-    "RenamedCheckpoint",
+    "canonical_view",
     "TEXT_RULES",
     "VISION_RULES",
     "qwen_rules",
