@@ -11,6 +11,7 @@ restores onto any other.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -21,11 +22,17 @@ import orbax.checkpoint as ocp
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag the training loop polls at step boundaries."""
+    """Turns SIGTERM into a flag the training loop polls at step boundaries (one process).
+
+    With several processes the handler is left to JAX's preemption service (jax.distributed), which
+    catches SIGTERM on any process and makes all of them stop at the same step
+    (``RunCheckpointer.reached_preemption``); a per-process flag could stop them at different steps,
+    and the one still stepping would wait forever in a collective.
+    """
 
     def __init__(self):
         self._event = threading.Event()
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._event.set())
 
     def requested(self) -> bool:
@@ -95,19 +102,54 @@ def save_params(path: str, params: Any, config: dict | None = None) -> None:
 
 
 def restore_params(path: str, abstract_params: Any) -> Any:
-    """Restores onto the shardings of ``abstract_params`` (an abstract nnx.State or a plain dict)."""
+    """Restores onto the shardings of ``abstract_params`` (an abstract nnx.State or a plain dict).
+
+    The checkpoint may hold more than the target: e.g. one with the EVA target encoder restores into a
+    model built with ``model.target_encoder='none'`` (training on precomputed features); only the target's
+    keys are read. A key the target needs but the checkpoint lacks, or a shape that differs, raises
+    ``weights.CheckpointMismatchError`` naming every such key.
+    """
     from flax import nnx
 
-    path = os.path.abspath(path)
+    from blip3o_jax.weights import CheckpointMismatchError
+
+    path = os.path.join(os.path.abspath(path), "params")
     state = abstract_params if isinstance(abstract_params, nnx.State) else None
-    target = nnx.to_pure_dict(state) if state is not None else abstract_params
+    like = nnx.to_pure_dict(state) if state is not None else abstract_params
+    # Orbax stores dict keys as strings; list-like NNX containers have integer keys.
+    target = _string_keys(like)
     with ocp.StandardCheckpointer() as ckptr:
-        # Orbax stores dict keys as strings; list-like NNX containers have integer keys.
-        restored = _keys_like(ckptr.restore(os.path.join(path, "params"), _string_keys(target)), target)
+        stored = _flat_shapes(ckptr.metadata(path).item_metadata.tree)
+    wanted = _flat_shapes(target)
+    missing = [(k, shape) for k, shape in wanted.items() if k not in stored]
+    mismatched = [(k, stored[k], shape) for k, shape in wanted.items() if k in stored and stored[k] != shape]
+    if missing or mismatched:
+        raise CheckpointMismatchError(missing, (), mismatched, where=path)
+    if stored.keys() == wanted.keys():
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path, target)
+    else:
+        logging.info("%s: restoring %d of %d stored arrays (the rest is not part of this model)", path,
+                     len(wanted), len(stored))
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(path, args=args)
+    restored = _keys_like(restored, like)
     if state is None:
         return restored
     nnx.replace_by_pure_dict(state, restored)
     return state
+
+
+def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{'backbone/model/...': shape} of a nested dict of arrays, abstract arrays or Orbax metadata."""
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat_shapes(v, f"{prefix}{k}/"))
+        return out
+    return {prefix[:-1]: tuple(getattr(tree, "shape", ()))}
 
 
 def _string_keys(tree: Any) -> Any:

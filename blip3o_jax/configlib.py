@@ -45,6 +45,7 @@ CHOICES = {
     "sharding.target": ("replicated", "fsdp", "tensor"),
     "train.stage": ("understanding", "generation", "instruction", "joint", "decoder", "pipeline"),
     "train.schedule": ("cosine_with_min_lr", "cosine", "constant"),
+    "precompute.feature_dtype": ("float32", "bfloat16"),
 }
 
 
@@ -111,6 +112,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.min_pixels = 3136
     c.data.max_pixels = 12845056
     c.data.max_turns = 0  # question/answer turns kept per understanding sample (0 = all)
+    # With data.paths naming directories written by blip3o_jax.precompute: train on their stored
+    # condition states too (the backbone and latent queries then get no gradient; the head trains alone).
+    c.data.precomputed_condition = False
+
+    # ``python -m blip3o_jax.precompute``: the frozen target encoder run once over config.data into
+    # ArrayRecord shards that training reads instead of images (data.paths = the output directory).
+    c.precompute = ml_collections.ConfigDict()
+    c.precompute.records_per_shard = 4096  # input records per output file; the unit of resumption
+    c.precompute.batch_size = 0  # global encoder batch (0 = data.global_batch_size)
+    c.precompute.feature_dtype = "float32"  # stored dtype; bfloat16 halves the files but rounds
+    c.precompute.with_condition = False  # also store the backbone's condition states (n_query, H)
 
     c.train = ml_collections.ConfigDict()
     c.train.stage = "generation"
@@ -264,7 +276,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
                  f"{dit.in_channels} must equal model.siglip2.hidden_size {sig.hidden_size}")
 
     for key in ("train.num_steps", "train.grad_accum", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "data.global_batch_size", "data.max_length"):
+                "train.keep_checkpoints", "data.global_batch_size", "data.max_length",
+                "precompute.records_per_shard"):
         _require(_get(cfg, key) > 0, key, f"must be > 0, got {_get(cfg, key)}")
     _require(cfg.data.max_length > m.n_query + 1, "data.max_length",
              f"{cfg.data.max_length} leaves no room for text next to the {m.n_query + 1} image slots")
@@ -272,6 +285,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _require(cfg.flow.shift > 0, "flow.shift", f"must be > 0, got {cfg.flow.shift}")
     _require(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio}")
     _require(cfg.train.learning_rate > 0, "train.learning_rate", "must be > 0")
+    _require(cfg.precompute.batch_size >= 0, "precompute.batch_size",
+             f"must be >= 0, got {cfg.precompute.batch_size}")
 
     if num_devices is not None:
         from blip3o_jax.sharding import resolve_mesh_shape
@@ -283,4 +298,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         data_parallel = shape[0] * shape[1]
         _require(cfg.data.global_batch_size % data_parallel == 0, "data.global_batch_size",
                  f"{cfg.data.global_batch_size} must be divisible by mesh data*fsdp = {data_parallel}")
+        _require(cfg.precompute.batch_size % data_parallel == 0, "precompute.batch_size",
+                 f"{cfg.precompute.batch_size} must be divisible by mesh data*fsdp = {data_parallel}")
     return cfg

@@ -11,6 +11,10 @@ Command line:
     python -m blip3o_jax.convert --src BLIP3o-Model-8B --dst blip3o_8b_orbax [--dtype bfloat16]
     python -m blip3o_jax.convert --src blip3o_8b_orbax --dst exported --to torch
 
+The torch -> Orbax CLI also copies the tokenizer / processor files and converts ``SRC/diffusion-decoder/``
+(if present) to ``DST/diffusion-decoder/`` (convert_companions), so ``generate`` / ``understand`` run
+from DST alone.
+
 A PyTorch directory is ``config.json`` (transformers-4.51 flat or transformers-5 nested Qwen2.5-VL
 fields, the BLIP3-o fields, optional ``dit_config`` / ``gen_vision_config`` size blocks) plus sharded
 safetensors. One mapping table covers the whole model: the Qwen tables of qwen_mapping (either key
@@ -552,6 +556,26 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_
     save_torch(model, dst, max_shard_bytes, config=orbax_config(src), progress=progress)
 
 
+def convert_companions(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None) -> list[str]:
+    """What ``generate`` / ``understand`` need beside the model: the tokenizer / processor files are
+    copied and ``SRC/diffusion-decoder/`` (diffusers layout) is converted to its Orbax form in
+    ``DST/diffusion-decoder/`` (inference.save_decoder). Returns what was written."""
+    from blip3o_jax import inference
+
+    src, dst = os.fspath(src), os.fspath(dst)
+    done = []
+    for name in inference.TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            done.append(name)
+    decoder_src = os.path.join(src, inference.DECODER_DIR)
+    if os.path.isdir(decoder_src):
+        decoder = inference.load_decoder(decoder_src, host_mesh(), dtype=dtype)
+        inference.save_decoder(decoder, os.path.join(dst, inference.DECODER_DIR))
+        done.append(inference.DECODER_DIR + "/")
+    return done
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 
@@ -574,6 +598,11 @@ def main(argv=None) -> None:
         cfg = torch_to_orbax(args.src, args.dst, args.dtype or "float32", allow_pickle=args.allow_pickle,
                              group_bytes=args.group_bytes)
         print(f"wrote {args.dst}/params (model {cfg.model.dtype}, target encoder: {cfg.model.target_encoder})")
+        extras = convert_companions(args.src, args.dst, args.dtype)
+        if extras:
+            print(f"copied/converted beside it: {', '.join(extras)}")
+        if not os.path.isdir(os.path.join(args.src, "diffusion-decoder")):
+            print(f"note: {args.src} has no diffusion-decoder/: generate can only write --features-out")
         return
     print(f"wrote {args.dst} (released PyTorch layout)")
 

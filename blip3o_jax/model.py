@@ -94,18 +94,32 @@ class Blip3o(nnx.Module):
     def lm_logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
         return self.backbone.lm_logits(input_ids, attention_mask, pixel_values, image_grid_thw)
 
-    def condition(self, input_ids, attention_mask=None) -> jax.Array:
+    def condition(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
         """Text-to-image conditioning (reference 3.1 steps 2-4): (B, n_query, H) final-norm states.
 
         The marker id and the queries are appended after the whole (padded) prompt; their positions
         count only real tokens and padding is masked out of attention, so each row sees exactly
         ``prompt, [IMG], q_1 .. q_n`` at positions ``0 .. L_i + n`` as in the batch-1 reference, for
         left and right padding alike.
+
+        With ``pixel_values`` / ``image_grid_thw`` (Hugging Face processor layout, reference 3.3a) the
+        Qwen ViT features are written at the image-pad positions of ``input_ids``; positions stay 1-D
+        (token counts, no M-RoPE image positions), as in the reference's image-conditioned path.
         """
         input_ids = jnp.asarray(input_ids)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        return _condition(self, input_ids, jnp.asarray(attention_mask))
+        image_embeds = None
+        if pixel_values is not None:
+            if self.backbone.visual is None:
+                raise ValueError("image-conditioned generation needs the Qwen vision tower (model.vision)")
+            grid = np.asarray(image_grid_thw).reshape(-1, 3)
+            n_features = int(grid.prod(1).sum()) // self.backbone.vision_cfg.spatial_merge_size**2
+            n_tokens = int(np.sum(np.asarray(input_ids) == self.cfg.image_pad_token_id))
+            if n_tokens != n_features:
+                raise ValueError(f"{n_tokens} image-pad tokens in input_ids but image_grid_thw gives {n_features}")
+            image_embeds = self.backbone.visual(jnp.asarray(pixel_values), grid)
+        return _condition(self, input_ids, jnp.asarray(attention_mask), image_embeds)
 
     def velocity(self, x, t, z) -> jax.Array:
         return self.gen_head.velocity(jnp.asarray(x), jnp.asarray(t), jnp.asarray(z))
@@ -132,10 +146,19 @@ class Blip3o(nnx.Module):
         return hidden[rows, slots]
 
     def generation_loss(self, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-        """Flow-matching (or MSE) loss on the target features of ``batch["target_image"]``."""
-        z = self.query_states(batch["input_ids"], batch["attention_mask"], batch["query_start"])
-        x0 = jax.lax.stop_gradient(self.target_features(batch["target_image"]))
-        return self.gen_head.loss(x0, z, rng), {}
+        """Flow-matching (or MSE) loss on the target features of ``batch["target_image"]``, or on
+        ``batch["target_features"]`` (B, N, C) precomputed by ``blip3o_jax.precompute`` (the target
+        encoder is then not run). ``batch["condition"]`` (B, n_query, H), stored by precompute, replaces
+        the backbone pass (the queries then get no gradient)."""
+        if "condition" in batch:
+            z = jnp.asarray(batch["condition"])  # stored in float32: holds bf16 states exactly
+        else:
+            z = self.query_states(batch["input_ids"], batch["attention_mask"], batch["query_start"])
+        if "target_features" in batch:
+            x0 = jnp.asarray(batch["target_features"], jnp.float32)  # target_features() returns float32 too
+        else:
+            x0 = self.target_features(batch["target_image"])
+        return self.gen_head.loss(jax.lax.stop_gradient(x0), z, rng), {}
 
     def understanding_loss(self, batch: dict, image_grid: tuple | None = None) -> tuple[jax.Array, dict]:
         """Next-token cross-entropy on the answer tokens (labels != -100), float32.
@@ -166,11 +189,15 @@ class Blip3o(nnx.Module):
 
 
 @nnx.jit
-def _condition(model: Blip3o, input_ids, attention_mask):
+def _condition(model: Blip3o, input_ids, attention_mask, image_embeds=None):
+    from blip3o_jax.models.qwen2_5_vl import scatter_image_embeds
+
     b = input_ids.shape[0]
     n = model.cfg.n_query
     marker = model.backbone.embed(jnp.full((b, 1), model.cfg.gen_start_token_id, jnp.int32))
     embeds = model.backbone.embed(input_ids)
+    if image_embeds is not None:
+        embeds = scatter_image_embeds(embeds, input_ids, image_embeds, model.cfg.image_pad_token_id)
     queries = jnp.broadcast_to(model.latent_queries[...].astype(embeds.dtype), (b, n, embeds.shape[-1]))
     embeds = jnp.concatenate([embeds, marker, queries], axis=1)
     mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.ones((b, n + 1), jnp.int32)], axis=1)
@@ -258,13 +285,14 @@ def param_count(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def step_flops(cfg, stage: str, n_trainable: int) -> float:
-    """Analytic FLOPs of one optimizer step (flops.py conventions)."""
+def step_flops(cfg, stage: str, n_trainable: int, precomputed: bool = False) -> float:
+    """Analytic FLOPs of one optimizer step (flops.py conventions). ``precomputed``: the batches carry
+    precomputed target features (``blip3o_jax.precompute``), so no target-encoder forward pass runs."""
     _, abstract = abstract_model(cfg, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
     b, length = cfg.data.global_batch_size, cfg.data.max_length
     llm = param_count(abstract["backbone"]["model"])
     head = param_count(abstract["gen_head"])
-    target = param_count(abstract["target_encoder"]) if "target_encoder" in abstract else 0
+    target = param_count(abstract["target_encoder"]) if "target_encoder" in abstract and not precomputed else 0
     n_tokens_target = (cfg.model.eva.image_size // cfg.model.eva.patch_size) ** 2 + 1
     total = 0.0
     if stage in ("generation", "instruction", "joint"):

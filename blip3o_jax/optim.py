@@ -41,3 +41,16 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
             mask=decay_mask,
         ),
     )
+
+
+def optimizer_shardings(tx, params, mesh):
+    """Shardings for ``tx.init(params)``: every per-parameter moment like its parameter, scalars (step
+    counts) replicated. Pass them as ``out_shardings`` of the jitted ``tx.init``: without them XLA has
+    nothing to propagate from (zeros do not depend on the parameters) and replicates the moments."""
+    import jax
+    import optax
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                                 jax.tree.map(lambda x: x.sharding, params),
+                                 transform_non_params=lambda _: replicated)

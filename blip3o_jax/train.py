@@ -23,19 +23,9 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard files, samples.")
 flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: only when a multi-process "
-                  "environment (TPU pod, SLURM, JAX_COORDINATOR_ADDRESS) is detected.")
+                  "environment (TPU pod/VM, SLURM with >1 task, JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + "
+                  "JAX_PROCESS_ID) is detected (blip3o_jax.distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def maybe_initialize_distributed(requested: bool | None) -> None:
-    """Multi-host runs need jax.distributed; single-host and CPU runs must never wait for a coordinator."""
-    import jax
-
-    detected = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")) or (
-        int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    )
-    if requested or (requested is None and detected):
-        jax.distributed.initialize()
 
 
 def main(argv: list[str]) -> None:
@@ -49,7 +39,9 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/JAX chatter; our own progress stays at INFO
     logging.getLogger("absl").setLevel(logging.WARNING)
-    maybe_initialize_distributed(FLAGS.distributed)
+    from blip3o_jax import distributed
+
+    distributed.maybe_initialize(FLAGS.distributed)  # before anything touches devices
     cfg = FLAGS.config
     try:
         configlib.validate(cfg, num_devices=jax.device_count())
@@ -109,7 +101,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     schedule = optim.learning_rate_schedule(cfg.train)
     frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(trainable)
+        opt_state = jax.jit(tx.init, out_shardings=optim.optimizer_shardings(tx, trainable, mesh))(trainable)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = {
         "params": trainable,
@@ -122,6 +114,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
 
     # ---- The jitted training step -------------------------------------------------------------
     first_host, image_grid = model_lib.prepare_batch(next(batches), cfg)  # the static image grid, if any
+    precomputed = "target_features" in first_host  # no target-encoder pass to count in the MFU
 
     def loss_fn(params, frozen_params, batch, rng):
         m = nnx.merge(graphdef, params, frozen_params)
@@ -175,7 +168,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     step = int(state["step"])
 
     # ---- Loop -----------------------------------------------------------------------------------
-    flops_per_step = model_lib.step_flops(cfg, stage, n_trainable)
+    flops_per_step = model_lib.step_flops(cfg, stage, n_trainable, precomputed)
     writer = metrics.MetricsWriter(workdir, num_steps, initial_step=step)
     preemption = checkpointing.PreemptionWatcher()
     timer, last = metrics.StepTimer(), {}

@@ -25,3 +25,7 @@ from absl import flags  # noqa: E402
 flags.FLAGS.mark_as_parsed()
 
 from tests import torch_shim  # noqa: E402,F401  (must precede transformers/timm imports)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a long test (multi-process or end-to-end); deselect with -m 'not slow'")

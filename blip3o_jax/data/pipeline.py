@@ -1,10 +1,11 @@
 """The Grain input pipeline: host sharding, seeded shuffling, worker decode, fixed-shape batches.
 
-Order of operations (one *global* sample stream, every host reads its own interleaved slice)::
+Order of operations (one *global* sample stream, every host reads its own rows of each batch)::
 
     source(s) --shuffle(seed, new permutation every epoch)--repeat--> global stream g = 0, 1, 2, ...
       (mixture: every component shuffled and repeated on its own, then interleaved by weight)
-    host i of n reads g = position + i, position + i + n, position + i + 2n, ...
+    host i of n, batch b per host: rows [i*b, (i+1)*b) of every global batch of n*b records, i.e.
+    g = position + i*b + (0 .. b-1), then position + n*b + i*b + (0 .. b-1), ...
     --map(decode + preprocess + tokenize) in ``num_workers`` spawned processes (mp_prefetch)-->
     --main process: drop and count skipped records, stack ``batch_size`` samples--> host batch
 
@@ -12,6 +13,8 @@ The global stream is a pure function of (sources, seed), so
 
 * hosts read disjoint samples whose union is the whole stream (each epoch exactly once when the
   data set is not a mixture);
+* without bad records the global batch of step t is ``g = t*G .. (t+1)*G - 1`` (G = n*b) for every
+  host count, so a run on n hosts trains on exactly the batches of a run on one host;
 * the output does not depend on ``num_workers`` (the workers' results are re-interleaved in order,
   and records are filtered after the workers, not in them);
 * random choices inside transforms are seeded by (seed, stream index), never by worker or host;
@@ -20,11 +23,11 @@ The global stream is a pure function of (sources, seed), so
   ``set_state`` rebuilds the pipeline from there, so a restore gives exactly the batches an
   uninterrupted run would have produced.
 
-**When the number of hosts changes** (a restore with a different ``process_count``): each host starts
-reading ``position + new_index`` with stride ``new_count``. The global order and the epoch are kept;
-because different hosts skip different numbers of bad records, the saved positions of the old hosts
-differ by at most ``old_count * skipped``, so that many samples around the boundary may be read twice
-or not at all. Any old host's state can be given to any new host (Orbax saves one per process; a new
+**When the number of hosts changes** (a restore with a different ``process_count``): each host takes
+its rows of the global batches from ``position`` on, in the new layout. The global order and the epoch
+are kept; because different hosts skip different numbers of bad records, the saved positions of the
+old hosts differ by at most ``old_count * skipped``, so that many samples around the boundary may be
+read twice or not at all. Any old host's state can be given to any new host (Orbax saves one per process; a new
 host without its own file may use process 0's). Batches per step stay ``global_batch_size``; only the
 per-host share changes.
 
@@ -90,6 +93,29 @@ def global_stream(sources: Sequence[tuple[Any, float]], *, seed: int,
     return ds.map_with_index(_with_stream_index)
 
 
+class HostRows(grain.MapDataset):
+    """Host ``index`` of ``count``'s share of a stream, from its ``start``-th record on: rows
+    [index*rows, (index+1)*rows) of every global batch of count*rows consecutive records."""
+
+    def __init__(self, parent: grain.MapDataset, *, start: int, index: int, count: int, rows: int):
+        super().__init__(parent)
+        self._start, self._index, self._count, self._rows = start, index, count, rows
+        full, rest = divmod(len(parent), count * rows)  # a finite stream may end inside a global batch
+        self._length = max(full * rows + min(rows, max(0, rest - index * rows)) - start, 0)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(self._start + index, self._rows)
+        return self._parent[(batch * self._count + self._index) * self._rows + row]
+
+    def __str__(self) -> str:
+        return f"HostRows(start={self._start}, index={self._index}, count={self._count}, rows={self._rows})"
+
+
 class DataIterator:
     """Host batches (dicts of numpy arrays with a leading ``batch_size`` axis) from the global stream.
 
@@ -116,7 +142,7 @@ class DataIterator:
         # A whole epoch of consecutive bad records means nothing in the data set is usable.
         self._bad_limit = max(sum(len(s) for s, _ in self.sources) // process_count, 1) + 1
         self._stream = global_stream(self.sources, seed=seed, num_epochs=num_epochs)
-        self._position = 0  # global stream index of this host's slice start (before adding process_index)
+        self._position = 0  # records read by this host x process_count (= the global position without skips)
         self._iter = None
         self._warned = 0
 
@@ -141,7 +167,8 @@ class DataIterator:
     # -- iteration ---------------------------------------------------------------------------
 
     def _open(self):
-        ds = self._stream[self._position + self.process_index :: self.process_count]
+        ds = HostRows(self._stream, start=self._position // self.process_count, index=self.process_index,
+                      count=self.process_count, rows=self.batch_size)
         ds = ds.map(self.transform)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
                                                   prefetch_buffer_size=max(2 * self.batch_size, self.read_threads)))
@@ -205,7 +232,8 @@ def make_transform(config, tokenizer, kind: str, *, und_image_size: int = 448, m
     if kind == "generation":
         return samples_lib.GenerationTransform(tokenizer, max_length=config.data.max_length,
                                                n_query=config.model.n_query, image_size=config.data.image_size,
-                                               target_encoder=config.model.target_encoder, ids=ids)
+                                               target_encoder=config.model.target_encoder, ids=ids,
+                                               use_condition=config.data.precomputed_condition)
     if kind == "understanding":
         return samples_lib.UnderstandingTransform(tokenizer, max_length=config.data.max_length,
                                                   image_size=und_image_size, max_patches=max_patches,
@@ -228,7 +256,38 @@ def config_sources(config, *, data_dir: str | None = None, cache_dir: str | None
 
         paths, _ = synthetic.prepare_demo_data(data_dir, image_size=config.data.image_size, seed=config.data.seed)
         return [(sources_lib.WebDatasetSource(paths, **kwargs), 1.0)]
-    return sources_lib.open_sources(config.data.paths, **kwargs)
+    sources = sources_lib.open_sources(config.data.paths, **kwargs)
+    check_precomputed(config, sources)
+    return sources
+
+
+def check_precomputed(config, sources: Sequence[tuple[Any, float]]) -> None:
+    """Precomputed feature directories (blip3o_jax.precompute) must fit the model being trained, and a
+    mixture is either all precomputed or all raw (batches need the same fields)."""
+    from blip3o_jax.data.sources import PrecomputedSource
+
+    pre = [src for src, _ in sources if isinstance(src, PrecomputedSource)]
+    if not pre:
+        if config.data.precomputed_condition:
+            raise DataError("config.data.precomputed_condition needs data.paths naming precompute output directories")
+        return
+    if len(pre) != len(sources):
+        raise DataError("config.data.paths mixes precomputed feature directories with raw data; "
+                        "precompute every component (python -m blip3o_jax.precompute)")
+    m = config.model
+    want = (m.dit.input_size ** 2, m.dit.in_channels)
+    for src in pre:
+        if src.feature_shape != want:
+            raise DataError(f"{src.directory}: stored target features {src.feature_shape} do not fit this model's "
+                            f"head: (model.dit.input_size**2, model.dit.in_channels) = {want}")
+        stored = src.manifest["encoder"]["target_encoder"]
+        if m.target_encoder not in ("none", stored):
+            raise DataError(f"{src.directory} holds {stored} features but config.model.target_encoder is "
+                            f"{m.target_encoder!r} (set it to {stored!r} or 'none')")
+        if config.data.precomputed_condition and src.condition_shape != (m.n_query, m.llm.hidden_size):
+            raise DataError(f"config.data.precomputed_condition: {src.directory} stores condition states "
+                            f"{src.condition_shape}, this model needs {(m.n_query, m.llm.hidden_size)} "
+                            "(precompute with precompute.with_condition=True)")
 
 
 def make_iterator(config, tokenizer, kind: str, sources: Sequence[tuple[Any, float]] | None = None, *,

@@ -175,7 +175,9 @@ def decode_image(image: Any) -> Image.Image:
     return to_rgb(pil)
 
 
-def _decoded(record: dict) -> Image.Image | dict:
+def decode_record_image(record: dict) -> Image.Image | dict:
+    """A raw record's image as RGB, or a ``skip()`` marker when the record has an error, no image or an
+    undecodable one (the caller returns the marker as the sample)."""
     if record.get("error"):
         return skip(record["error"], record["key"])
     if record.get("image") is None:
@@ -192,7 +194,9 @@ class GenerationTransform:
     """raw record -> {input_ids, attention_mask, labels, query_start, target_image, key} or skip().
 
     ``target_image`` (image_size, image_size, 3) float32 is the target encoder's input (reference 8.1:
-    shorter side resized bicubic, center crop, [0, 1], the encoder's mean/std)."""
+    shorter side resized bicubic, center crop, [0, 1], the encoder's mean/std). A record of a
+    precomputed data set (``sources.PrecomputedSource``) gives ``target_features`` (N, C) float32
+    instead, and, with ``use_condition``, its stored ``condition`` (n_query, H)."""
 
     tokenizer: Any
     max_length: int
@@ -200,17 +204,33 @@ class GenerationTransform:
     image_size: int
     target_encoder: str = "eva_clip"
     ids: SpecialIds = SpecialIds()
+    use_condition: bool = False
 
     def __post_init__(self):
         from blip3o_jax import preprocess
 
-        self.preprocessor = preprocess.for_encoder(self.target_encoder, self.image_size)
+        # No encoder (target_encoder "none") is fine as long as every record is precomputed.
+        self.preprocessor = (preprocess.for_encoder(self.target_encoder, self.image_size)
+                             if self.target_encoder != "none" else None)
 
     def __call__(self, record: dict) -> dict:
         caption = record.get("caption")
         if not record.get("error") and (caption is None or not caption.strip()):
             return skip(MISSING_CAPTION, record["key"])
-        image = _decoded(record)
+        if "target_features" in record and not record.get("error"):
+            out = generation_tokens(self.tokenizer, caption, max_length=self.max_length, n_query=self.n_query,
+                                    ids=self.ids)
+            out["target_features"] = record["target_features"]
+            if self.use_condition:
+                if "condition" not in record:
+                    raise ValueError("data.precomputed_condition is set but the precomputed data set holds no "
+                                     "condition states (precompute it with precompute.with_condition=True)")
+                out["condition"] = record["condition"]
+            out["key"] = record["key"]
+            return out
+        if self.preprocessor is None:
+            raise ValueError("model.target_encoder='none' can only train on precomputed target features")
+        image = decode_record_image(record)
         if isinstance(image, dict):
             return image
         out = generation_tokens(self.tokenizer, caption, max_length=self.max_length, n_query=self.n_query,
@@ -261,7 +281,7 @@ class UnderstandingTransform:
         if self.max_turns is not None and len(turns) > self.max_turns:
             rng = np.random.default_rng((self.seed, record.get("stream_index", 0)))
             turns = [turns[i] for i in sorted(rng.choice(len(turns), self.max_turns, replace=False))]
-        image = _decoded(record)
+        image = decode_record_image(record)
         if isinstance(image, dict):
             return image
         image = self.geometry(image)

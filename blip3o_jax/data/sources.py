@@ -21,6 +21,8 @@ Problems found once, when a source is opened (an empty shard), are in ``source.p
   names (``write_array_record`` writes them).
 - ``TfdsSource``: a TFDS data set through ``tfds.data_source`` (no TensorFlow needed for
   ArrayRecord-backed data sets).
+- ``PrecomputedSource``: a directory written by ``python -m blip3o_jax.precompute``; its records carry
+  ``target_features`` (N, C) float32 (and optionally ``condition``) instead of an image.
 - ``open_sources(spec)``: ``"a/*.tar,b.tar"`` is one source; ``"a/*.tar@0.7;tfds:name:train@0.3"`` is a
   weighted mixture (``;`` separates components, ``@w`` gives a weight).
 
@@ -390,15 +392,94 @@ class TfdsSource:
 
 
 # ---------------------------------------------------------------------------------------------
+# Precomputed target features (blip3o_jax.precompute)
+
+PRECOMPUTED_FORMAT = "blip3o_jax.precomputed_features"
+MANIFEST = "manifest.json"
+
+
+def encode_array(x: np.ndarray) -> dict:
+    """An array as a msgpack-able map: {"dtype": name, "shape": [...], "data": raw bytes}."""
+    x = np.ascontiguousarray(x)
+    return {"dtype": x.dtype.name, "shape": list(x.shape), "data": x.tobytes()}
+
+
+def decode_array(item: dict) -> np.ndarray:
+    """``encode_array``'s map -> a float32 array (bfloat16 storage is widened: exact)."""
+    import ml_dtypes  # noqa: F401 - registers "bfloat16" as a numpy dtype name
+
+    dtype = np.dtype(ml_dtypes.bfloat16) if item["dtype"] == "bfloat16" else np.dtype(item["dtype"])
+    return np.frombuffer(item["data"], dtype).reshape(item["shape"]).astype(np.float32)
+
+
+class PrecomputedSource:
+    """A ``blip3o_jax.precompute`` output directory: ``manifest.json`` + ArrayRecord shards of msgpack
+    records {"__key__", "txt", "json", "target_features": encode_array(...), ["condition": ...]}.
+
+    Records have no image; they carry ``target_features`` (N, C) float32, and ``condition``
+    (n_query, H) float32 when it was stored, which the generation transform uses instead.
+    """
+
+    def __init__(self, directory: str):
+        import grain
+
+        self.directory = str(directory)
+        path = epath.Path(directory) / MANIFEST
+        if not path.exists():
+            raise DataError(f"{directory} has no {MANIFEST}: not a finished blip3o_jax.precompute output "
+                            "(re-run the same precompute command to complete it)")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != PRECOMPUTED_FORMAT:
+            raise DataError(f"{path}: format {self.manifest.get('format')!r} is not {PRECOMPUTED_FORMAT!r}")
+        files = [str(epath.Path(directory) / s["file"]) for s in self.manifest["shards"] if s["samples"] > 0]
+        if not files:
+            raise DataError(f"the precomputed data set {directory} holds no samples: {self.manifest['counts']}")
+        self._source = grain.sources.ArrayRecordDataSource(files)
+        self.problems: dict[str, int] = {}
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["features"]["shape"])
+
+    @property
+    def condition_shape(self) -> tuple[int, ...] | None:
+        cond = self.manifest.get("condition")
+        return tuple(cond["shape"]) if cond else None
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __repr__(self) -> str:
+        digest = hashlib.sha1(os.path.abspath(self.directory).encode()).hexdigest()[:12]
+        return f"PrecomputedSource(len={len(self)}, features={self.feature_shape}, dir_sha1={digest})"
+
+    def __getitem__(self, index: int) -> dict:
+        import msgpack
+
+        try:
+            members = msgpack.unpackb(self._source[int(index)], raw=False)
+            record = _record_from_members(str(members["__key__"]), members)
+            record["target_features"] = decode_array(members["target_features"])
+            if "condition" in members:
+                record["condition"] = decode_array(members["condition"])
+        except Exception:  # noqa: BLE001 - a corrupt record is a skipped sample, not a crash
+            return make_record(f"{os.path.basename(self.directory)}/record{index}", error="read_error")
+        return record
+
+
+# ---------------------------------------------------------------------------------------------
 # Specs and mixtures
 
 
 def open_source(spec: str, *, cache_dir: str = DEFAULT_CACHE_DIR, tfds_data_dir: str | None = None):
-    """One source from a spec: ``tfds:NAME[:SPLIT]``, or files/globs ending in .tar / .array_record."""
+    """One source from a spec: ``tfds:NAME[:SPLIT]``, a ``blip3o_jax.precompute`` output directory, or
+    files/globs ending in .tar / .array_record."""
     spec = spec.strip()
     if spec.startswith("tfds:"):
         parts = spec.split(":")
         return TfdsSource(parts[1], parts[2] if len(parts) > 2 else "train", data_dir=tfds_data_dir)
+    if not any(c in spec for c in "*?[,") and epath.Path(spec).is_dir():
+        return PrecomputedSource(spec)
     paths = expand_paths(spec)
     kinds = {"tar" if p.endswith(".tar") else "array_record" if "array_record" in os.path.basename(p)
              else "?" for p in paths}

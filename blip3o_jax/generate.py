@@ -1,0 +1,119 @@
+"""``python -m blip3o_jax.generate``: text (or image) -> image (contract section 1; reference 3.1, 3.3).
+
+    python -m blip3o_jax.generate --checkpoint DIR --prompt "a red circle" --out out.png
+    python -m blip3o_jax.generate --checkpoint DIR --prompt A --prompt B --num-images 4 --seed 7 --out out.png
+    python -m blip3o_jax.generate --checkpoint DIR --prompt A --features-out feats.npy      # no decoder needed
+    python -m blip3o_jax.generate --checkpoint DIR --image in.png --out edit.png [--prompt "<image>\\n..."]
+    python -m blip3o_jax.generate --checkpoint DIR --image in.png --autoencode --out rec.png
+
+``--checkpoint``: an Orbax checkpoint of this project (convert output), a PyTorch directory in the
+released layout (converted on the fly) or a demo workdir (inference.Pipeline.from_checkpoint).
+Prompts are batched (``--batch-size`` images per compiled call); with several output images, FILE.png
+becomes FILE_000.png, FILE_001.png, ... (prompt-major: prompt p, sample k -> index p * K + k).
+``--image`` conditions the generator on an input image (reference 3.3a; ``<image>`` in the prompt
+marks where it goes, default prompt "<image>\\nPlease reconstruct the given image.");
+``--autoencode`` skips the LLM: target encoder -> decoder (reference 3.3b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def output_paths(out: str, n: int) -> list[str]:
+    if n == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}_{i:03d}{ext or '.png'}" for i in range(n)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m blip3o_jax.generate", description="BLIP3-o text/image -> image")
+    p.add_argument("--checkpoint", required=True, help="Orbax checkpoint, PyTorch directory or demo workdir")
+    p.add_argument("--prompt", action="append", default=[], help="caption (repeat for several prompts)")
+    p.add_argument("--prompts-file", help="one caption per line (added after --prompt)")
+    p.add_argument("--out", help="output PNG (FILE_000.png, ... when several images)")
+    p.add_argument("--features-out", help="also save the generated target features (B, N, C) as .npy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30, help="DiT Euler steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="DiT classifier-free guidance")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: all)")
+    p.add_argument("--decoder-steps", type=int, default=50)
+    p.add_argument("--decoder-guidance", type=float, default=3.0)
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the decoder's native)")
+    p.add_argument("--decoder", help="decoder folder (diffusers diffusion-decoder/ or converted) overriding the one found")
+    p.add_argument("--negative", choices=("empty_prompt", "zero_image"), default=None,
+                   help="decoder negative features (default: zero_image for demo workdirs, else empty_prompt)")
+    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the checkpoint's)")
+    p.add_argument("--image", action="append", default=[], help="input image (image-conditioned generation)")
+    p.add_argument("--autoencode", action="store_true", help="with --image: target encoder -> decoder, no LLM")
+    p.add_argument("--edit-image-size", type=int, default=448,
+                   help="with --image: side the input image is squashed to before the Qwen ViT (reference: 448)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter/compute dtype")
+    p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
+    return p
+
+
+def main(argv=None) -> list[str]:
+    args = build_parser().parse_args(argv)
+    from blip3o_jax import inference
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not args.out and not args.features_out:
+        raise SystemExit("nothing to write: pass --out FILE.png and/or --features-out FILE.npy")
+    if args.autoencode and not args.image:
+        raise SystemExit("--autoencode needs --image FILE")
+    if args.image and not prompts and not args.autoencode:
+        prompts = [inference.EDIT_PROMPT] * len(args.image)
+    if args.image and not args.autoencode and len(prompts) != len(args.image):
+        if len(prompts) == 1:
+            prompts = prompts * len(args.image)
+        else:
+            raise SystemExit(f"{len(args.image)} images need 1 or {len(args.image)} prompts, got {len(prompts)}")
+    if not prompts and not args.autoencode:
+        raise SystemExit("pass at least one --prompt (or --image)")
+
+    start = time.time()
+    pipe = inference.Pipeline.from_checkpoint(
+        args.checkpoint, tokenizer=args.tokenizer, decoder=args.decoder, dtype=args.dtype,
+        mesh=inference.inference_mesh(args.devices), negative=args.negative, load_decoder_weights=bool(args.out),
+        edit_image_size=args.edit_image_size)
+    if args.out:
+        pipe.require_decoder()
+    images = [inference.open_image(p) for p in args.image] or None
+    loaded = time.time()
+    if args.autoencode:
+        feats = pipe.target_features(images)
+        feats = np.repeat(feats, args.num_images, axis=0)
+    else:
+        feats = pipe.generate_features(prompts, seed=args.seed, num_steps=args.steps, guidance=args.guidance,
+                                       num_images=args.num_images, images=images, batch_size=args.batch_size)
+    if args.features_out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.features_out)), exist_ok=True)
+        np.save(args.features_out, feats)
+        print(f"wrote {args.features_out} {feats.shape}")
+    paths = []
+    if args.out:
+        pixels = pipe.decode(feats, seed=args.seed, num_steps=args.decoder_steps, guidance=args.decoder_guidance,
+                             size=args.size, batch_size=args.batch_size,
+                             negative="zero_image" if args.autoencode else None,
+                             negative_steps=args.steps, negative_guidance=args.guidance)
+        paths = output_paths(args.out, len(pixels))
+        for image, path in zip(pixels, paths):
+            inference.save_png(image, path)
+            print(f"wrote {path}")
+    print(f"{len(feats)} image(s) in {time.time() - loaded:.1f} s (loading {loaded - start:.1f} s)", file=sys.stderr)
+    return paths
+
+
+if __name__ == "__main__":
+    main()

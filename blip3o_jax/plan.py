@@ -1,0 +1,555 @@
+"""Memory and throughput planner: will a config fit a slice, on which mesh, and how fast will it step?
+
+    python -m blip3o_jax.plan --config configs/blip3o_8b.py --mesh data=4,fsdp=8,tensor=1 --device v5p
+    python -m blip3o_jax.plan --config configs/blip3o_4b.py --mesh auto --device v4-32     (recommends a mesh)
+    python -m blip3o_jax.plan --config configs/blip3o_8b.py --slices v4-32,v5p-64,v5e-256,8xh100  (a table)
+
+Nothing is allocated: the model is traced abstractly (``nnx.eval_shape``) and every figure comes from
+parameter shapes, the config's logical-axis rule tables (``config.sharding``) and the mesh.
+
+Per device, for the stage's trainable/frozen split (``model.trainable_filter``):
+
+* parameters: every parameter in ``model.param_dtype``, divided over the mesh axes its PartitionSpec
+  names (a dimension that does not divide is padded, as GSPMD does);
+* gradients: trainable parameters only, float32 (frozen parts have none); one more float32 copy when
+  ``train.grad_accum`` > 1 (the accumulator);
+* optimizer state: AdamW's m and v in float32 for trainable parameters only, sharded like them;
+* activations: an analytic estimate for the stage's micro-batch on one device (global batch /
+  (data * fsdp) / grad_accum). A scanned transformer stack keeps, for every layer, its input (the scan
+  carry, width H) plus what the remat policy saves inside the block, per token:
+
+      none           4H + 2K + 3I in the compute dtype + heads x kv_len float32 scores
+      dots           4H + 2K + 2I                       + heads x kv_len float32 scores
+      dots_no_batch  3H + 2K + 2I   (weight matmul outputs only)
+      full           nothing (the block is recomputed in the backward pass)
+
+  (H width, K key+value width, I FFN hidden; the I and heads terms are divided by the tensor axis).
+  On top comes the working set of the one block being differentiated (its "none" figure), and for a
+  forward-only part (the frozen target encoder, under stop_gradient) only that working set. The
+  understanding loss adds float32 logits and log-probabilities (2 x tokens x vocab x 4 bytes);
+* temporaries: the largest scanned block's weights as gathered for its matmuls (all-gathered over
+  fsdp, in the compute dtype, x2 for the next block's prefetch) and the optimizer update's
+  temporaries (updates and clipped gradients: 2 x the gradient bytes).
+
+FLOPs per step are ``model.step_flops`` (dense 2/4/6 FLOPs per parameter per token, flops.py); the
+predicted step time is FLOPs / (devices x peak bf16 FLOP/s x MFU). "fits" means the sum of the five
+figures <= 90% of the device's HBM (the rest for what the estimate misses and fragmentation).
+Where jax can describe a TPU topology without chips (``jax.experimental.topologies``, needs libtpu),
+the train step is also compiled ahead of time for it and XLA's memory figures are shown;
+otherwise the planner says it skipped that. ``--aot`` does the same on local devices (e.g. 8 fake CPU
+devices) when the mesh fits them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import sys
+from typing import Any
+
+import numpy as np
+
+from blip3o_jax import flops as flops_lib
+
+GiB = 1024**3
+USABLE_FRACTION = 0.9
+COMFORT = 0.75  # recommend() prefers meshes that leave a quarter of the HBM free
+
+# JAX device kind -> (peak dense bf16 FLOP/s key in flops.DEVICE_PEAK_FLOPS, HBM bytes per JAX device).
+# TPU v4 and v5p chips are one JAX device each (megacore); vendor figures.
+DEVICES: dict[str, tuple[str, float]] = {
+    "v4": ("tpu v4", 32 * GiB),
+    "v5e": ("tpu v5e", 16 * GiB),
+    "v5p": ("tpu v5p", 95 * GiB),
+    "v6e": ("tpu v6e", 32 * GiB),
+    "h100": ("nvidia h100", 80 * GiB),
+    "a100": ("nvidia a100", 80 * GiB),
+    "cpu": ("cpu", 24 * GiB),  # this repo's CI machines
+}
+# Common slices -> (device kind, number of JAX devices). v4/v5p slice names count TensorCores (2 per chip).
+SLICES: dict[str, tuple[str, int]] = {
+    "v4-8": ("v4", 4), "v4-32": ("v4", 16), "v4-128": ("v4", 64),
+    "v5p-8": ("v5p", 4), "v5p-64": ("v5p", 32), "v5p-128": ("v5p", 64),
+    "v5e-8": ("v5e", 8), "v5e-64": ("v5e", 64), "v5e-256": ("v5e", 256),
+    "v6e-8": ("v6e", 8), "v6e-64": ("v6e", 64), "v6e-256": ("v6e", 256),
+    "8xh100": ("h100", 8), "16xh100": ("h100", 16), "32xh100": ("h100", 32), "8xa100": ("a100", 8),
+}
+# Slice -> (topology name, chip config) for jax.experimental.topologies.get_topology_desc, as in
+# MaxText's accelerator_to_spec_map (chips per host 2x2x1 for all of these).
+TOPOLOGIES = {
+    "v4-8": ("v4:2x2x1", "megacore"), "v4-32": ("v4:2x2x4", "megacore"), "v4-128": ("v4:4x4x4", "megacore"),
+    "v5p-8": ("v5:2x2x1", "megacore"), "v5p-64": ("v5:2x4x4", "megacore"), "v5p-128": ("v5:4x4x4", "megacore"),
+    "v5e-8": ("v5e:2x4", "default"), "v5e-64": ("v5e:8x8", "default"), "v5e-256": ("v5e:16x16", "default"),
+    "v6e-8": ("v6e:2x4", "default"), "v6e-64": ("v6e:8x8", "default"), "v6e-256": ("v6e:16x16", "default"),
+}
+
+
+def device_spec(name: str) -> tuple[str, float, float, int | None]:
+    """(kind, peak FLOP/s, HBM bytes, device count or None) for a device kind or a slice name."""
+    key = name.lower()
+    count = None
+    if key in SLICES:
+        key, count = SLICES[key]
+    if key not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; kinds: {sorted(DEVICES)}; slices: {sorted(SLICES)}")
+    peak_key, hbm = DEVICES[key]
+    return key, flops_lib.DEVICE_PEAK_FLOPS[peak_key], hbm, count
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
+    for part in text.split(","):
+        axis, _, value = part.partition("=")
+        if axis.strip() not in sizes:
+            raise ValueError(f"--mesh: unknown axis {axis!r}; allowed: data, fsdp, tensor")
+        sizes[axis.strip()] = int(value)
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def abstract_parameters(cfg):
+    """(abstract Blip3o module, {parameter path: PartitionSpec}) without allocating anything."""
+    from flax import nnx
+
+    from blip3o_jax import model as model_lib
+    from blip3o_jax import sharding
+
+    mcfg = model_lib.Blip3oConfig.from_config(cfg)
+    with nnx.use_eager_sharding(False):
+        module = nnx.eval_shape(lambda: model_lib.Blip3o(mcfg, rngs=nnx.Rngs(0)))
+    specs = sharding.state_specs(nnx.state(module, nnx.Param), model_lib.component_rules(cfg))
+    return module, specs
+
+
+def _shard_elements(shape: tuple[int, ...], spec, mesh: dict[str, int]) -> int:
+    n = 1
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        n *= -(-dim // math.prod(mesh[a] for a in axes))
+    return n
+
+
+def _paths(state) -> dict[str, Any]:
+    import jax
+    from flax import nnx
+
+    leaves = jax.tree_util.tree_leaves_with_path(
+        state, is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.sharding.PartitionSpec)))
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v for p, v in leaves}
+
+
+def _component(path: str) -> str:
+    if path.startswith("backbone/visual"):
+        return "vision"
+    if path.startswith("backbone"):
+        return "llm"
+    return path.split("/")[0]  # gen_head, latent_queries, target_encoder
+
+
+@dataclasses.dataclass
+class Plan:
+    config: str
+    stage: str
+    mesh: dict
+    device: str
+    num_devices: int
+    micro_batch_per_device: float
+    grad_accum: int
+    remat: str
+    params_by_component: dict  # component -> (total, trainable)
+    bytes_params: float
+    bytes_grads: float
+    bytes_opt_state: float
+    bytes_activations: float
+    bytes_temporaries: float  # one block's gathered weights (x2, prefetch) + optimizer update temporaries
+    flops_per_step: float
+    mfu: float
+    step_seconds: float
+    hbm_bytes: float
+    aot: dict | None = None
+
+    @property
+    def bytes_total(self) -> float:
+        return (self.bytes_params + self.bytes_grads + self.bytes_opt_state + self.bytes_activations
+                + self.bytes_temporaries)
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_total <= USABLE_FRACTION * self.hbm_bytes
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "bytes_total": self.bytes_total, "fits": self.fits}
+
+
+def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=None) -> dict:
+    """Counts per component and per-device bytes of parameters, gradients and AdamW state."""
+    from flax import nnx
+
+    from blip3o_jax import model as model_lib
+    from blip3o_jax.nn import dtype_of
+
+    if module is None:
+        module, specs = abstract_parameters(cfg)
+    trainable = set(_paths(nnx.state(module, model_lib.trainable_filter(stage))))
+    param_size = np.dtype(dtype_of(cfg.model.param_dtype)).itemsize
+    counts: dict[str, list[int]] = {}
+    layer: dict[str, float] = {}  # elements of one scanned block per component, as gathered for its matmuls
+    params = grads = 0
+    spec_of = _paths(specs)
+    for path, var in _paths(nnx.state(module, nnx.Param)).items():
+        n = int(np.prod(var.shape))
+        component = _component(path)
+        c = counts.setdefault(component, [0, 0])
+        c[0] += n
+        spec = spec_of[path]
+        shard = _shard_elements(var.shape, spec, mesh)
+        params += shard * param_size
+        if path in trainable:
+            c[1] += n
+            grads += shard * 4
+        names = tuple(var.get_metadata().get("out_sharding") or ())
+        if "layers" in names:
+            tensor = mesh["tensor"] if "tensor" in jax_axes(spec) else 1
+            layer[component] = layer.get(component, 0.0) + n / var.shape[names.index("layers")] / tensor
+    accum_copy = 2 if cfg.train.grad_accum > 1 else 1
+    return {"counts": {k: tuple(v) for k, v in counts.items()}, "params": params, "grads": grads * accum_copy,
+            "opt_state": 2 * grads, "trainable": sum(v[1] for v in counts.values()),
+            "largest_layer": max(layer.values(), default=0.0), "update_temporaries": 2 * grads}
+
+
+def jax_axes(spec) -> set[str]:
+    """The mesh axes a PartitionSpec uses."""
+    out = set()
+    for entry in spec:
+        out.update((entry,) if isinstance(entry, str) else tuple(entry or ()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations
+
+
+def _block(policy: str, width: int, kv_width: int, ffn: int, heads: int, kv_len: int, tensor: int) -> tuple:
+    """(elements in the compute dtype, float32 elements) saved per token inside one block by ``policy``."""
+    ffn, heads = ffn / tensor, heads / tensor
+    table = {
+        "none": (4 * width + 2 * kv_width + 3 * ffn, heads * kv_len),
+        "dots": (4 * width + 2 * kv_width + 2 * ffn, heads * kv_len),
+        "dots_no_batch": (3 * width + 2 * kv_width + 2 * ffn, 0.0),
+        "full": (0.0, 0.0),
+    }
+    return table[policy]
+
+
+def _stack(layers, tokens, width, kv_width, ffn, heads, kv_len, *, policy, act_bytes, tensor, trained=True):
+    """(bytes kept across the whole backward pass, bytes of one block's working set)."""
+    work_el, work_f32 = _block("none", width, kv_width, ffn, heads, kv_len, tensor)
+    working = tokens * (work_el * act_bytes + work_f32 * 4)
+    if not trained:
+        return 0.0, working
+    el, f32 = _block(policy, width, kv_width, ffn, heads, kv_len, tensor)
+    return layers * tokens * ((width + el) * act_bytes + f32 * 4), working
+
+
+def _dit_ffn(d) -> int:
+    hidden = int(2 * 4 * d.dim / 3)
+    if d.ffn_dim_multiplier:
+        hidden = int(d.ffn_dim_multiplier * hidden)
+    return d.multiple_of * -(-hidden // d.multiple_of)
+
+
+def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) -> float:
+    from blip3o_jax.nn import dtype_of
+
+    m, t = cfg.model, mesh["tensor"]
+    act = np.dtype(dtype_of(m.dtype)).itemsize
+    kw = dict(policy=m.remat, act_bytes=act, tensor=t)
+    llm, d, eva = m.llm, m.dit, m.eva
+    head_dim = llm.hidden_size // llm.num_attention_heads
+    seq = cfg.data.max_length
+    llm_args = (llm.num_hidden_layers, micro_batch * seq, llm.hidden_size, 2 * llm.num_key_value_heads * head_dim,
+                llm.intermediate_size, llm.num_attention_heads, seq)
+    kept, working = [], []
+
+    def add(stack):
+        kept.append(stack[0])
+        working.append(stack[1])
+
+    if stage in ("generation", "instruction", "joint"):
+        add(_stack(*llm_args, **kw))  # the queries' gradient flows back through the whole backbone
+        n_img = (d.input_size // d.patch_size) ** 2
+        add(_stack(d.n_layers, micro_batch * (n_img + m.n_query), d.dim, 2 * d.dim * d.n_kv_heads // d.n_heads,
+                   _dit_ffn(d), d.n_heads, n_img + m.n_query, **kw))
+        if m.target_encoder == "eva_clip":
+            tokens = (eva.image_size // eva.patch_size) ** 2 + 1
+            add(_stack(eva.layers, micro_batch * tokens, eva.width, 2 * eva.width, int(eva.width * eva.mlp_ratio),
+                       eva.width // eva.head_width, tokens, trained=False, **kw))
+        elif m.target_encoder == "siglip2":
+            s = m.siglip2
+            add(_stack(s.num_hidden_layers, micro_batch * s.num_patches, s.hidden_size, 2 * s.hidden_size,
+                       s.intermediate_size, s.num_attention_heads, s.num_patches, trained=False, **kw))
+    if stage in ("understanding", "joint"):
+        if stage == "understanding":
+            add(_stack(*llm_args, **kw))
+        kept.append(2 * micro_batch * seq * llm.vocab_size / t * 4)  # float32 logits + log-probabilities
+    return float(sum(kept) + max(working, default=0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+
+
+def make_plan(cfg, mesh: dict[str, int], device: str, *, stage: str | None = None, mfu: float = 0.4,
+              config_name: str = "", module=None, specs=None, step_flops: float | None = None) -> Plan:
+    from blip3o_jax import model as model_lib
+    from blip3o_jax.nn import dtype_of
+
+    stage = stage or (cfg.train.stage if cfg.train.stage not in ("pipeline", "decoder") else "generation")
+    kind, peak, hbm, _ = device_spec(device)
+    n = math.prod(mesh.values())
+    accum = int(cfg.train.grad_accum)
+    micro = cfg.data.global_batch_size / (mesh["data"] * mesh["fsdp"]) / accum
+    act_bytes = np.dtype(dtype_of(cfg.model.dtype)).itemsize
+    p = parameter_bytes(cfg, stage, mesh, module, specs)
+    if step_flops is None:
+        step_flops = model_lib.step_flops(cfg, stage, p["trainable"])
+    return Plan(config=config_name, stage=stage, mesh=dict(mesh), device=kind, num_devices=n,
+                micro_batch_per_device=micro, grad_accum=accum, remat=cfg.model.remat,
+                params_by_component=p["counts"], bytes_params=p["params"], bytes_grads=p["grads"],
+                bytes_opt_state=p["opt_state"], bytes_activations=activation_bytes(cfg, stage, mesh, micro),
+                bytes_temporaries=2 * p["largest_layer"] * act_bytes + p["update_temporaries"],
+                flops_per_step=step_flops, mfu=mfu, step_seconds=step_flops / (n * peak * mfu), hbm_bytes=hbm)
+
+
+def recommend(cfg, num_devices: int, device: str, **kwargs) -> Plan | None:
+    """The first mesh that fits, preferring (in order) no gradient accumulation, no tensor parallelism,
+    then the smallest fsdp axis (less parameter all-gather traffic) that leaves COMFORT of the HBM free
+    for what the estimate misses (else the smallest that fits at all); None if nothing fits."""
+    module, specs = abstract_parameters(cfg)
+    batch, step_flops = cfg.data.global_batch_size, None
+    divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+    candidates = []
+    for accum, tensor in itertools.product((1, 2, 4, 8, 16), (1, 2, 4, 8)):
+        if num_devices % tensor:
+            continue
+        for fsdp in divisors:
+            if (num_devices // tensor) % fsdp:
+                continue
+            data = num_devices // tensor // fsdp
+            if batch % (data * fsdp * accum):
+                continue
+            c = cfg.copy_and_resolve_references()
+            c.train.grad_accum = accum
+            plan = make_plan(c, {"data": data, "fsdp": fsdp, "tensor": tensor}, device, module=module, specs=specs,
+                             step_flops=step_flops, **kwargs)
+            step_flops = plan.flops_per_step  # the same for every mesh and accumulation
+            if plan.bytes_total <= COMFORT * plan.hbm_bytes:
+                return plan
+            if plan.fits:
+                candidates.append(plan)
+    return candidates[0] if candidates else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation (XLA's own memory figures)
+
+
+def tpu_topology(slice_name: str):
+    """A TPU topology description without chips, or (None, reason)."""
+    if slice_name.lower() not in TOPOLOGIES:
+        return None, f"{slice_name!r} is not a TPU slice in TOPOLOGIES"
+    name, chip_config = TOPOLOGIES[slice_name.lower()]
+    try:
+        from jax.experimental import topologies
+
+        return topologies.get_topology_desc(topology_name=name, platform="tpu", chip_config_name=chip_config,
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=1), ""
+    except Exception as e:  # noqa: BLE001  (libtpu missing, or this jax cannot describe TPUs)
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+
+
+def compile_train_step(cfg, stage: str, mesh) -> dict:
+    """AOT-compiles one training step (gradient + AdamW update, as train.py does) with abstract,
+    sharded inputs on ``mesh``; returns XLA's memory analysis in bytes per device."""
+    import jax
+    import optax
+    from flax import nnx
+
+    from blip3o_jax import model as model_lib
+    from blip3o_jax import optim
+
+    graphdef, abstract = model_lib.abstract_model(cfg, mesh)
+    module = nnx.merge(graphdef, abstract)
+    graphdef, trainable, frozen = nnx.split(module, model_lib.trainable_filter(stage), ...)
+    tx = optim.make_optimizer(cfg.train)
+    to_sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    trainable, frozen = jax.tree.map(to_sds, trainable), jax.tree.map(to_sds, frozen)
+    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(tx.init, trainable), optim.optimizer_shardings(tx, trainable, mesh))
+    batch = abstract_batch(cfg, stage, mesh)
+
+    def step(params, opt_state, frozen, batch, rng):
+        def loss_fn(p):
+            return model_lib.stage_loss(nnx.merge(graphdef, p, frozen), stage, batch, rng)[0]
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, batch, rng).compile()
+    ma = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    return {f: int(getattr(ma, f)) for f in fields if ma is not None and hasattr(ma, f)}
+
+
+def abstract_batch(cfg, stage: str, mesh) -> dict:
+    """ShapeDtypeStructs of a generation batch (the fields data/samples.GenerationTransform produces)."""
+    import jax
+    import jax.numpy as jnp
+
+    from blip3o_jax import sharding
+
+    if stage not in ("generation", "instruction"):
+        raise NotImplementedError("AOT compilation is implemented for the generation stages")
+    b, length, size = cfg.data.global_batch_size, cfg.data.max_length, cfg.data.image_size
+    shapes = {"input_ids": ((b, length), jnp.int32), "attention_mask": ((b, length), jnp.int32),
+              "query_start": ((b,), jnp.int32), "target_image": ((b, size, size, 3), jnp.float32)}
+    return {k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s))) for k, (s, dt) in
+            shapes.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _size(x: float) -> str:
+    return f"{x / GiB:.2f} GiB" if x >= 0.1 * GiB else f"{x / 1024**2:.2f} MiB"
+
+
+def format_plan(p: Plan) -> str:
+    mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+    lines = [f"config {p.config}  stage {p.stage}  mesh {mesh}  device {p.device} x {p.num_devices}  "
+             f"remat {p.remat}  micro-batch/device {p.micro_batch_per_device:g}  grad_accum {p.grad_accum}",
+             "parameters (total / trainable):"]
+    for name, (total, trainable) in sorted(p.params_by_component.items()):
+        lines.append(f"  {name:<16} {total:>16,} / {trainable:,}")
+    total = sum(v[0] for v in p.params_by_component.values())
+    lines.append(f"  {'all':<16} {total:>16,} / {sum(v[1] for v in p.params_by_component.values()):,}")
+    lines += [
+        "per-device memory:",
+        f"  parameters {_size(p.bytes_params)}  gradients {_size(p.bytes_grads)}  optimizer {_size(p.bytes_opt_state)}"
+        f"  activations {_size(p.bytes_activations)}  temporaries {_size(p.bytes_temporaries)}",
+        f"  total {_size(p.bytes_total)} of {_size(p.hbm_bytes)} HBM -> {'fits' if p.fits else 'DOES NOT FIT'}"
+        f" (limit {USABLE_FRACTION:.0%} of HBM)",
+        f"FLOPs/step {p.flops_per_step:.3e}; at MFU {p.mfu:g}: {p.step_seconds:.3f} s/step",
+    ]
+    if p.aot is not None:
+        lines.append("XLA AOT memory analysis: " + json.dumps(p.aot))
+    return "\n".join(lines)
+
+
+def table(cfg, slices: list[str], config_name: str, **kwargs) -> str:
+    rows = ["| slice | devices | recommended mesh | grad_accum | params / grads / opt / act / tmp (GiB per device) "
+            "| total / HBM (GiB) | step time @ MFU |", "|---|---|---|---|---|---|---|"]
+    for name in slices:
+        _, _, hbm, count = device_spec(name)
+        plan = recommend(cfg, count, name, config_name=config_name, **kwargs)
+        if plan is None:
+            rows.append(f"| {name} | {count} | none fits | | | {_gib(hbm)} | |")
+            continue
+        mesh = ",".join(f"{k}={v}" for k, v in plan.mesh.items())
+        rows.append(f"| {name} | {count} | {mesh} | {plan.grad_accum} | {_gib(plan.bytes_params)} / "
+                    f"{_gib(plan.bytes_grads)} / {_gib(plan.bytes_opt_state)} / {_gib(plan.bytes_activations)} / "
+                    f"{_gib(plan.bytes_temporaries)} | "
+                    f"{_gib(plan.bytes_total)} / {_gib(hbm)} | {plan.step_seconds:.2f} s @ {plan.mfu:g} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    from absl import flags
+    from absl import logging as absl_logging
+
+    from blip3o_jax import configlib
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend-probing chatter
+    f = flags.FLAGS
+    cfg = f.config
+    configlib.validate(cfg)
+    name = f["config"].config_filename if hasattr(f["config"], "config_filename") else ""
+    kw = dict(stage=f.stage or None, mfu=f.mfu)
+    if f.slices:
+        print(table(cfg, [s.strip() for s in f.slices.split(",")], name, **kw))
+        return
+    _, _, _, count = device_spec(f.device)
+    if f.mesh == "auto":
+        if count is None:
+            raise SystemExit("--mesh auto needs a slice name as --device (e.g. v5p-64, 8xh100)")
+        plan = recommend(cfg, count, f.device, config_name=name, **kw)
+        if plan is None:
+            raise SystemExit(f"nothing fits on {f.device}")
+    else:
+        plan = make_plan(cfg, parse_mesh(f.mesh), f.device, config_name=name, **kw)
+    plan.aot = _aot(cfg, plan, f.device, f.aot)
+    print(json.dumps(plan.to_dict(), indent=1) if f.json else format_plan(plan))
+
+
+def _aot(cfg, plan: Plan, device: str, local: bool) -> dict | None:
+    import jax
+
+    from blip3o_jax import sharding
+
+    if local:
+        if plan.num_devices > jax.device_count():
+            print(f"AOT compile skipped: mesh needs {plan.num_devices} devices, {jax.device_count()} available "
+                  "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)", file=sys.stderr)
+            return None
+        devices, what = jax.devices()[:plan.num_devices], "local"
+    else:
+        topo, reason = tpu_topology(device)
+        if topo is None:
+            print(f"TPU AOT compile skipped ({reason})", file=sys.stderr)
+            return None
+        devices, what = topo.devices, "TPU"
+    try:
+        return compile_train_step(cfg, plan.stage, sharding.make_mesh(plan.mesh, devices))
+    except NotImplementedError as e:
+        print(f"{what} AOT compile skipped ({e})", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (XLA reports an out-of-memory program as a compile error)
+        print(f"{what} AOT compile failed: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
+    return None
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/blip3o_8b.py.")
+    flags.DEFINE_string("mesh", "auto", "data=A,fsdp=B,tensor=C, or 'auto' (needs a slice name as --device).")
+    flags.DEFINE_string("device", "v5p-64", f"device kind {sorted(DEVICES)} or slice {sorted(SLICES)}.")
+    flags.DEFINE_string("stage", "", "Training stage (default: config.train.stage).")
+    flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the predicted step time.")
+    flags.DEFINE_string("slices", "", "Comma-separated slices: print a markdown table of recommended meshes.")
+    flags.DEFINE_bool("aot", False, "Also AOT-compile the train step on local devices (when the mesh fits).")
+    flags.DEFINE_bool("json", False, "Print the plan as JSON.")
+    flags.mark_flags_as_required(["config"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
