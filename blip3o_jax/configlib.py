@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
     for name, cls in COMPONENT_CONFIGS.items():
         c.model[name] = ml_collections.ConfigDict(dataclasses.asdict(cls()))
     c.model.n_query = 64
+    # Init std of the latent queries: torch.randn (1.0) in the reference. A tiny backbone trained from
+    # scratch (the demo) needs them at its embeddings' scale, or the query states barely see the prompt.
+    c.model.query_init_std = 1.0
     c.model.gen_start_token_id = 151665  # [IMG], marks the start of the 64 query slots
     c.model.query_token_id = 151667  # <image>, training placeholder overwritten by the queries
     c.model.image_pad_token_id = 151655  # <|image_pad|>, slots for Qwen-ViT image embeddings
@@ -150,6 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.understanding_steps = 600
     c.demo.generation_steps = 1500
     c.demo.decoder_steps = 1500
+    c.demo.decoder_learning_rate = 1e-3
+    c.demo.decoder_pixel_patch = 2  # the pixel-space UNet sees 2x2 pixels per position (space_to_depth)
     c.demo.eval_questions = 48
     c.demo.eval_prompts = 48
 
@@ -219,6 +224,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     for key in positive:
         _require(_get(m, key) > 0, "model." + key, f"must be > 0, got {_get(m, key)}")
     _require(m.n_query > 0, "model.n_query", f"must be > 0, got {m.n_query}")
+    _require(m.query_init_std > 0, "model.query_init_std", f"must be > 0, got {m.query_init_std}")
 
     _require(llm.hidden_size % llm.num_attention_heads == 0, "model.llm.num_attention_heads",
              f"{llm.num_attention_heads} heads do not divide hidden_size {llm.hidden_size}")
@@ -256,6 +262,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
              == len(dec.transformer_layers_per_block) == len(dec.attention_head_dim),
              "model.decoder.block_out_channels", "block_out_channels, down/up_block_types, "
              "transformer_layers_per_block and attention_head_dim need one entry per level")
+    if cfg.train.stage == "pipeline":  # the demo's pixel-space decoder on space_to_depth-packed pixels
+        p = cfg.demo.decoder_pixel_patch
+        _require(p >= 1, "demo.decoder_pixel_patch", f"{p} must be >= 1")
+        _require(dec.in_channels == dec.out_channels == 3 * p * p, "model.decoder.in_channels",
+                 f"in/out channels {dec.in_channels}/{dec.out_channels} must be 3 * demo.decoder_pixel_patch**2 "
+                 f"= {3 * p * p} (RGB pixels packed {p}x{p})")
     n_tokens = (dit.input_size // dit.patch_size) ** 2
     if m.target_encoder == "eva_clip":
         _require(eva.pooling.startswith("early_pool2d_"), "model.eva.pooling",

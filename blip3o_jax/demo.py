@@ -14,6 +14,7 @@ Stages, each in its own folder under WORKDIR and each resumable (a finished stag
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
@@ -33,6 +34,13 @@ def _stage_config(cfg, stage: str, steps: int, init_from: str = ""):
 
 def _done(workdir: str) -> bool:
     return os.path.isdir(os.path.join(workdir, "params", "params"))
+
+
+def _progress(steps, stage: str):
+    """A progress bar like the trainer's for the demo's own small training loops."""
+    from tqdm import tqdm
+
+    return tqdm(steps, desc=stage, unit="step", mininterval=2.0, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,11 +85,12 @@ def train_target_encoder(cfg, workdir: str, steps: int) -> None:
         return np.stack(images), np.asarray(labels, np.int32)
 
     tx = optax.adam(1e-3)
-    params = nnx.state((encoder, probes), nnx.Param)
-    graphdef, _ = nnx.split((encoder, probes), nnx.Param)
-    opt_state = tx.init(params)
+    graphdef, params = nnx.split((encoder, probes), nnx.Param)
+    (params, opt_state), shardings = sharding.place_on_mesh((params, tx.init(params)), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    @jax.jit
+    @functools.partial(jax.jit, in_shardings=(*shardings, None, None), out_shardings=(*shardings, replicated),
+                       donate_argnums=(0, 1))
     def step(params, opt_state, images, labels):
         def loss_fn(p):
             enc, pr = nnx.merge(graphdef, p)
@@ -97,7 +106,7 @@ def train_target_encoder(cfg, workdir: str, steps: int) -> None:
         return optax.apply_updates(params, updates), opt_state, loss
 
     with jax.set_mesh(mesh):
-        for i in range(steps):
+        for i in _progress(range(steps), "target encoder"):
             params, opt_state, loss = step(params, opt_state, *draw())
             if (i + 1) % max(steps // 5, 1) == 0:
                 logging.info("target encoder step %d/%d: probe loss %.4f", i + 1, steps, float(loss))
@@ -118,43 +127,48 @@ def decoder_uncond(model):
 
 
 def train_decoder(cfg, workdir: str, model, steps: int):
-    """Trains the tiny pixel-space UNet on (EVA features of a rendered scene -> that scene at 32 px)."""
+    """Trains the tiny pixel-space UNet on (EVA features of a rendered scene -> that scene at
+    sample_size * pixel_patch px). The UNet sees the picture ``space_to_depth``-packed
+    (``demo.decoder_pixel_patch``): 2x2 pixels per position quarter its convolutions' cost on CPU."""
     import jax
     import optax
     from flax import nnx
 
-    from blip3o_jax import checkpointing, configlib, preprocess, scheduler, sharding
+    from blip3o_jax import checkpointing, configlib, inference, preprocess, scheduler, sharding
     from blip3o_jax.data import synthetic
     from blip3o_jax.models.unet import UNet2DConditionModel
 
     ucfg = configlib.component(cfg, "decoder")
+    patch = cfg.demo.decoder_pixel_patch
     mesh = sharding.make_mesh(cfg.mesh)
+    if _done(workdir):
+        return inference._load_demo_decoder(cfg, os.path.join(workdir, "params"), mesh)
     unet = sharding.create_sharded(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(3)), mesh,
                                    sharding.rules_for(cfg.sharding.target))
-    if _done(workdir):
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(unet))
-        nnx.update(unet, checkpointing.restore_params(os.path.join(workdir, "params"), abstract))
-        return unet
     pre = preprocess.for_encoder(cfg.model.target_encoder, cfg.model.eva.image_size)
     rng = np.random.default_rng(cfg.data.seed + 11)
-    size = ucfg.sample_size
+    size = ucfg.sample_size * patch
     uncond = decoder_uncond(model)
     encoder_def, encoder_state = nnx.split(model.target_encoder)
     graphdef, params = nnx.split(unet, nnx.Param)
-    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-3, max(steps // 20, 1), max(steps, 2), 1e-4))
-    opt_state = tx.init(params)
+    lr = cfg.demo.decoder_learning_rate
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2), lr / 10))
+    (params, opt_state), shardings = sharding.place_on_mesh((params, tx.init(params)), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    @jax.jit
+    @functools.partial(jax.jit, in_shardings=(*shardings, None, None, None),
+                       out_shardings=(*shardings, replicated), donate_argnums=(0, 1))
     def step(params, opt_state, images, pixels, key):
         feats = nnx.merge(encoder_def, encoder_state).target_features(images)
-        loss_fn = lambda p: scheduler.diffusion_loss(nnx.merge(graphdef, p), pixels, feats, key, uncond=uncond,
-                                                     cond_drop_prob=0.1)
+        x0 = scheduler.space_to_depth(pixels, patch)
+        loss_fn = lambda p: scheduler.diffusion_loss(nnx.merge(graphdef, p), x0, feats, key, uncond=uncond,
+                                                     cond_drop_prob=0.1, pixel_size=(size, size))
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     with jax.set_mesh(mesh):
-        for i in range(steps):
+        for i in _progress(range(steps), "decoder"):
             images, pixels = [], []
             for _ in range(cfg.data.global_batch_size):
                 scene = synthetic.random_scene(rng, two_objects=bool(rng.random() < 0.25))
@@ -167,64 +181,35 @@ def train_decoder(cfg, workdir: str, model, steps: int):
                 logging.info("decoder step %d/%d: loss %.4f", i + 1, steps, float(loss))
     nnx.update(unet, params)
     checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(unet))
-    return unet
+    return inference.Decoder(unet, pixel_patch=patch)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
-def understanding_accuracy(cfg, model, tokenizer, n: int, seed: int) -> dict:
-    """Greedy answers to held-out questions about freshly rendered scenes (exact match)."""
-    from blip3o_jax import chat, decode
-    from blip3o_jax.data import pipeline, synthetic
+def understanding_accuracy(pipe, n: int, seed: int) -> dict:
+    """Greedy answers (``Pipeline.understand``, as ``python -m blip3o_jax.understand``) to held-out
+    questions about freshly rendered scenes, exact match."""
+    from blip3o_jax.data import synthetic
 
-    transform = pipeline.make_transform(cfg, tokenizer, "understanding", und_image_size=cfg.data.und_image_size,
-                                        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
     rng = np.random.default_rng(seed)
-    correct, total = 0, 0
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    correct = 0
     for _ in range(n):
         scene = synthetic.random_scene(rng, two_objects=False)
-        image = synthetic.render(scene, cfg.data.image_size, rng)
+        image = synthetic.render(scene, pipe.cfg.data.image_size, rng)
         qa = synthetic.questions_of(scene)[int(rng.integers(len(synthetic.questions_of(scene))))]
-        patches, grid = transform.processor.preprocess_one(transform.geometry(image))
-        prompt = chat.understanding_prompt(qa["question"], chat.num_image_tokens(grid))
-        ids = np.asarray([tokenizer.encode(prompt, add_special_tokens=False)], np.int32)
-        out = decode.generate(model.backbone, ids, max_new_tokens=6, eos_token_ids=(im_end,),
-                              pad_token_id=cfg.model.pad_token_id, pixel_values=patches,
-                              image_grid_thw=np.asarray([grid]))
-        answer = tokenizer.decode([t for t in out[0] if t not in (im_end, cfg.model.pad_token_id)]).strip()
-        correct += int(answer == qa["answer"])
-        total += 1
-    return {"accuracy": correct / max(total, 1), "n": total}
+        correct += int(pipe.understand(image, qa["question"], max_new_tokens=6) == qa["answer"])
+    return {"accuracy": correct / max(n, 1), "n": n}
 
 
-def generated_features(cfg, model, tokenizer, captions: list[str], seed: int):
-    """prompt -> chat template -> condition -> guided DiT sampling -> target features (B, N, C)."""
-    import jax
-
-    from blip3o_jax import chat
-
-    ids = [tokenizer.encode(chat.t2i_prompt(c), add_special_tokens=False) for c in captions]
-    length = max(len(i) for i in ids)
-    batch = np.full((len(ids), length), cfg.model.pad_token_id, np.int32)
-    mask = np.zeros_like(batch)
-    for r, row in enumerate(ids):  # left padding, as in generation
-        batch[r, length - len(row):] = row
-        mask[r, length - len(row):] = 1
-    z = model.condition(batch, mask)
-    n, c = model.gen_head.target_shape
-    noise = jax.random.normal(jax.random.key(seed), (len(ids), n, c))
-    return model.sample_features(z, noise, num_steps=cfg.flow.sample_steps, guidance=cfg.flow.guidance)
-
-
-def generation_accuracy(cfg, model, unet, tokenizer, n: int, seed: int):
-    """Held-out single-object prompts -> features -> pixels, read back by demo_scoring; plus a grid."""
-    import jax
+def generation_accuracy(pipe, n: int, seed: int):
+    """Held-out single-object prompts -> ``Pipeline.generate_images`` (as ``python -m blip3o_jax.generate``:
+    chat template, condition, guided DiT sampling, guided decoder) -> pixels read back by demo_scoring;
+    plus a grid of the samples."""
     from PIL import Image
 
-    from blip3o_jax import demo_scoring, scheduler
+    from blip3o_jax import demo_scoring
     from blip3o_jax.data import synthetic
 
     rng = np.random.default_rng(seed)
@@ -233,13 +218,12 @@ def generation_accuracy(cfg, model, unet, tokenizer, n: int, seed: int):
     objects = [combos[i] for i in rng.permutation(len(combos))[:n]] if n <= len(combos) else \
         [combos[i % len(combos)] for i in range(n)]
     captions = [synthetic.caption_of([o]) for o in objects]
-    feats = generated_features(cfg, model, tokenizer, captions, seed)
-    size = unet.cfg.sample_size
-    images = scheduler.decode_features(unet, feats, decoder_uncond(model), jax.random.key(seed + 1), height=size,
-                                       width=size, num_steps=50, guidance_scale=3.0)
-    images = np.asarray(jax.device_get(images) * 255).round().astype(np.uint8)
+    flow = pipe.cfg.flow
+    images, _ = pipe.generate_images(captions, seed=seed, num_steps=flow.sample_steps, guidance=flow.guidance,
+                                     decoder_steps=50, decoder_guidance=3.0)
     result = demo_scoring.accuracy(list(images), objects)
-    cols = 8
+    size = images.shape[1]
+    cols = min(8, len(images))
     rows = -(-len(images) // cols)
     grid = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
     for i, im in enumerate(images):
@@ -250,15 +234,25 @@ def generation_accuracy(cfg, model, unet, tokenizer, n: int, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def run(cfg, workdir: str, train_stage) -> dict:
-    """``train_stage`` is ``blip3o_jax.train.train`` (one stage of the trainer)."""
+def _use_compilation_cache(workdir: str) -> None:
+    """Every stage rebuilds the same model (random init + restore) and the report recompiles the
+    samplers: on a 2-core CPU each costs tens of seconds of XLA compilation, so the demo keeps a
+    persistent compilation cache in WORKDIR/jax_cache (unless JAX_COMPILATION_CACHE_DIR names one)."""
     import jax
 
-    from blip3o_jax import model as model_lib, sharding
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run(cfg, workdir: str, train_stage) -> dict:
+    """``train_stage`` is ``blip3o_jax.train.train`` (one stage of the trainer)."""
+    from blip3o_jax import inference, model as model_lib, sharding
     from blip3o_jax.data import pipeline
 
     start = time.time()
     d = cfg.demo
+    _use_compilation_cache(workdir)
     data_dir = os.path.join(workdir, "data")
     tokenizer = pipeline.load_tokenizer(cfg, data_dir)  # writes the synthetic shards on first use
     logging.info("demo: data ready in %s", data_dir)
@@ -277,11 +271,14 @@ def run(cfg, workdir: str, train_stage) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     model = model_lib.build_model(cfg, mesh)
     model_lib.load_params(model, previous, mesh)
-    unet = train_decoder(cfg, os.path.join(workdir, "decoder"), model, d.decoder_steps)
+    decoder = train_decoder(cfg, os.path.join(workdir, "decoder"), model, d.decoder_steps)
 
-    with jax.set_mesh(mesh):
-        understanding = understanding_accuracy(cfg, model, tokenizer, d.eval_questions, seed=cfg.data.seed + 101)
-        generation, grid = generation_accuracy(cfg, model, unet, tokenizer, d.eval_prompts, seed=cfg.data.seed + 202)
+    # The report goes through the inference pipeline of python -m blip3o_jax.generate / understand.
+    pipe = inference.Pipeline(model, tokenizer, cfg, mesh, decoder, negative="zero_image",
+                              und_image_size=cfg.data.und_image_size, min_pixels=cfg.data.min_pixels,
+                              max_pixels=cfg.data.max_pixels)
+    understanding = understanding_accuracy(pipe, d.eval_questions, seed=cfg.data.seed + 101)
+    generation, grid = generation_accuracy(pipe, d.eval_prompts, seed=cfg.data.seed + 202)
     samples = os.path.join(workdir, "samples.png")
     grid.save(samples)
     report = {"generation": generation, "understanding": understanding, "wall_seconds": time.time() - start,

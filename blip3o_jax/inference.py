@@ -86,11 +86,17 @@ class Decoder:
     unet: UNet2DConditionModel
     vae: AutoencoderKL | None = None
     scheduler: sched_lib.SchedulerConfig = sched_lib.SchedulerConfig()
+    pixel_patch: int = 1  # pixel space only: the UNet sees pixel_patch**2 pixels per position (space_to_depth)
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per UNet position along a side: the VAE's downscale, or the pixel patch."""
+        return self.vae.cfg.downscale if self.vae is not None else self.pixel_patch
 
     @property
     def default_size(self) -> int:
         """The UNet's native image side in pixels (1024 for the released decoder)."""
-        return self.unet.cfg.sample_size * (self.vae.cfg.downscale if self.vae is not None else 1)
+        return self.unet.cfg.sample_size * self.downscale
 
 
 def _dataclass(cls, values: dict):
@@ -110,7 +116,7 @@ def save_decoder(decoder: Decoder, path: str) -> None:
         params["vae"] = nnx.to_pure_dict(nnx.state(decoder.vae, nnx.Param))
     config = {"unet": dataclasses.asdict(decoder.unet.cfg),
               "vae": dataclasses.asdict(decoder.vae.cfg) if decoder.vae is not None else None,
-              "scheduler": dataclasses.asdict(decoder.scheduler)}
+              "scheduler": dataclasses.asdict(decoder.scheduler), "pixel_patch": decoder.pixel_patch}
     checkpointing.save_params(path, params, config)
 
 
@@ -131,7 +137,8 @@ def load_orbax_decoder(path: str, mesh, rule_table: str = "replicated", dtype: A
         nnx.replace_by_pure_dict(state, restored[name])
     return Decoder(nnx.merge(unet_def, target["unet"]),
                    nnx.merge(vae_def, target["vae"]) if vae_def is not None else None,
-                   _dataclass(sched_lib.SchedulerConfig, config.get("scheduler") or {}))
+                   _dataclass(sched_lib.SchedulerConfig, config.get("scheduler") or {}),
+                   int(config.get("pixel_patch", 1)))
 
 
 def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = None) -> Decoder:
@@ -149,10 +156,12 @@ def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = N
 
 
 def _load_demo_decoder(cfg, path: str, mesh) -> Decoder:
-    """The demo's pixel-space UNet (``WORKDIR/decoder/params``, config in ``cfg.model.decoder``)."""
+    """The demo's pixel-space UNet (``WORKDIR/decoder/params``, config in ``cfg.model.decoder``, pixel patch
+    ``cfg.demo.decoder_pixel_patch``)."""
     ucfg = configlib.component(cfg, "decoder")
     graphdef, abstract = _abstract(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(0)), mesh, cfg.sharding.target)
-    return Decoder(nnx.merge(graphdef, checkpointing.restore_params(path, abstract)))
+    return Decoder(nnx.merge(graphdef, checkpointing.restore_params(path, abstract)),
+                   pixel_patch=cfg.demo.decoder_pixel_patch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,9 +396,9 @@ class Pipeline:
         """
         dec = self.require_decoder()
         size = size or dec.default_size
-        down = dec.vae.cfg.downscale if dec.vae is not None else 1
+        down = dec.downscale
         if size % down:
-            raise ValueError(f"--size {size} must be a multiple of the VAE downscale {down}")
+            raise ValueError(f"--size {size} must be a multiple of the decoder's downscale {down}")
         features = np.asarray(features, np.float32)
         uncond = self.negative_features(negative, negative_steps, negative_guidance) if guidance > 1.0 else None
         batch_size = batch_size or len(features)
@@ -407,6 +416,7 @@ class Pipeline:
                                       num_steps=num_steps, guidance_scale=guidance, scheduler=dec.scheduler)
                 if dec.vae is not None:
                     x = _vae_decode(dec.vae, x)
+                x = sched_lib.depth_to_space(x, dec.pixel_patch)
                 x = jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
                 out.append(np.asarray(jax.device_get(x))[:len(chunk)])
         return (np.concatenate(out) * 255).round().astype(np.uint8)

@@ -35,6 +35,7 @@ class Blip3oConfig:
     eva: Any
     siglip2: Any
     n_query: int = 64
+    query_init_std: float = 1.0
     gen_head: str = "flow"
     target_encoder: str = "eva_clip"
     gen_start_token_id: int = 151665
@@ -55,6 +56,7 @@ class Blip3oConfig:
             eva=configlib.component(cfg, "eva"),
             siglip2=configlib.component(cfg, "siglip2"),
             n_query=m.n_query,
+            query_init_std=m.query_init_std,
             gen_head=m.gen_head,
             target_encoder=m.target_encoder,
             gen_start_token_id=m.gen_start_token_id,
@@ -76,9 +78,9 @@ class Blip3o(nnx.Module):
             cfg.llm, cfg.vision, image_token_id=cfg.image_pad_token_id,
             vision_start_token_id=cfg.vision_start_token_id, **kw,
         )
-        # torch.randn init (std 1, not scaled), reference 4.5.
+        # torch.randn init (std 1, not scaled), reference 4.5 (config.model.query_init_std).
         self.latent_queries = bnn.param(
-            rngs, nnx.initializers.normal(1.0), (1, cfg.n_query, cfg.llm.hidden_size), (None, "queries", "embed"),
+            rngs, nnx.initializers.normal(cfg.query_init_std), (1, cfg.n_query, cfg.llm.hidden_size), (None, "queries", "embed"),
             param_dtype,
         )
         self.gen_head = heads_lib.build_head(cfg.gen_head, cfg.head, n_query=cfg.n_query, flow_cfg=cfg.flow, **kw)

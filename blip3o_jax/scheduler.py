@@ -103,6 +103,26 @@ def size_time_ids(batch: int, height: int, width: int) -> jax.Array:
     return jnp.tile(jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32), (batch, 1))
 
 
+def space_to_depth(x, patch: int):
+    """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p pixel block becomes one position's channels
+    (row-major within the block). A pixel-space decoder with ``pixel_patch`` p runs its UNet on this
+    form, so it works at 1/p of the resolution (the demo: 32 px pictures on a 16x16 grid)."""
+    if patch == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // patch, patch, w // patch, patch, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // patch, w // patch, patch * patch * c)
+
+
+def depth_to_space(x, patch: int):
+    """Inverse of ``space_to_depth``."""
+    if patch == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, patch, patch, c // (patch * patch))
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * patch, w * patch, c // (patch * patch))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
@@ -182,6 +202,7 @@ def decode_features(
     key: jax.Array,
     *,
     vae: nnx.Module | None = None,
+    pixel_patch: int = 1,
     height: int = 1024,
     width: int = 1024,
     num_steps: int = 50,
@@ -190,10 +211,13 @@ def decode_features(
 ) -> jax.Array:
     """Target tokens -> images (B, height, width, 3) float32 in [0, 1] (reference 9 "Sampling").
 
-    With ``vae`` the UNet runs on latents of side height / vae.cfg.downscale; without, directly on pixels
-    (the tiny demo decoder: in_channels = out_channels = 3, values in [-1, 1]).
+    With ``vae`` the UNet runs on latents of side height / vae.cfg.downscale; without, on pixels in
+    [-1, 1] (the tiny demo decoder), packed ``pixel_patch`` x ``pixel_patch`` into channels
+    (``space_to_depth``; in_channels = out_channels = 3 * pixel_patch**2).
     """
-    down = vae.cfg.downscale if vae is not None else 1
+    if vae is not None and pixel_patch != 1:
+        raise ValueError("pixel_patch applies to pixel-space decoders only (no VAE)")
+    down = vae.cfg.downscale if vae is not None else pixel_patch
     if height % down or width % down:
         raise ValueError(f"image size {(height, width)} must be a multiple of {down}")
     shape = (cond.shape[0], height // down, width // down, unet.cfg.in_channels)
@@ -211,6 +235,7 @@ def decode_features(
     if vae is not None:
         vae_def, vae_state = nnx.split(vae)
         x = _vae_decode(vae_def, vae_state, x)
+    x = depth_to_space(x, pixel_patch)
     return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -240,7 +265,8 @@ def diffusion_loss(
     x0 (B, h, w, C) clean latents (already times scaling_factor) or pixels in [-1, 1]; cond (B, L, D)
     target tokens. With ``uncond`` and ``cond_drop_prob`` > 0, that fraction of samples is conditioned
     on ``uncond`` instead, so the model learns the unconditional branch classifier-free guidance needs.
-    pixel_size defaults to x0's spatial size (right for pixel-space decoders).
+    pixel_size defaults to x0's spatial size (right for unpatched pixel-space decoders; pass the picture's
+    size for latents or ``space_to_depth`` pixels).
     """
     b = x0.shape[0]
     k_t, k_eps, k_drop = jax.random.split(key, 3)
@@ -261,8 +287,10 @@ __all__ = [
     "alphas_cumprod",
     "decode_features",
     "denoise",
+    "depth_to_space",
     "diffusion_loss",
     "euler_step",
     "euler_tables",
     "size_time_ids",
+    "space_to_depth",
 ]

@@ -149,6 +149,18 @@ def state_shardings(state: Any, mesh: Mesh, rules: RulesOrChooser) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def place_on_mesh(tree: Any, mesh: Mesh) -> tuple[Any, Any]:
+    """(tree placed on ``mesh``, its NamedShardings): leaves already NamedSharded on ``mesh`` keep their
+    sharding, every other leaf (e.g. an optimizer's step count, a small head built outside a mesh) is
+    replicated. Passing the shardings to ``jax.jit`` as in/out shardings keeps a training loop to one
+    compilation (otherwise the first step's uncommitted inputs and later committed ones differ)."""
+    replicated = NamedSharding(mesh, P())
+    keep = lambda x: x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) \
+        and x.sharding.mesh == mesh else replicated
+    shardings = jax.tree.map(keep, tree)
+    return jax.device_put(tree, shardings), shardings
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules | None) -> jax.Array:
     """Activation sharding constraint by logical names; a no-op outside a mesh or without rules."""
     if rules is None or jax.sharding.get_abstract_mesh().empty:

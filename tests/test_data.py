@@ -392,7 +392,9 @@ def test_synthetic_deterministic_and_readable(shards, tmp_path):
         cx, cy = [int(v) for v in np.mean(np.reshape(objs[0]["bbox"], (2, 2)), axis=0)]
         assert tuple(img[cy, cx]) != (255, 255, 255)  # the object is drawn where the json says
         assert rec["caption"].startswith(f"a {objs[0]['color']} {objs[0]['shape']}")
-        assert rec["meta"]["qa"][0]["answer"] == objs[0]["color"]
+        by_question = {qa["question"]: qa["answer"] for qa in rec["meta"]["qa"]}
+        question = "What color is the shape?" if len(objs) == 1 else f"What color is the {objs[0]['shape']}?"
+        assert by_question[question] == objs[0]["color"]
 
 
 def test_demo_tokenizer_ids(demo_tok, tmp_path):

@@ -145,7 +145,10 @@ def test_training_on_stored_features_gives_the_on_the_fly_loss(cli_out, setup, m
     got = float(loss(state, numeric(pre)))
     np.testing.assert_allclose(got, want, rtol=2e-6)
     feats = jax.jit(lambda s, x: nnx.merge(graphdef, s).target_features(x))(state, raw["target_image"])
-    np.testing.assert_allclose(pre["target_features"], np.asarray(feats), rtol=1e-5, atol=1e-6)
+    # The CLI ran the encoder in another process at another batch size (other XLA fusions): float32
+    # rounding, so the project's usual tolerance, rtol 1e-5 and atol 1e-5 x max|reference|.
+    feats = np.asarray(feats)
+    np.testing.assert_allclose(pre["target_features"], feats, rtol=1e-5, atol=1e-5 * np.abs(feats).max())
 
 
 def test_precomputed_data_must_fit_the_model(cli_out, setup):

@@ -164,9 +164,17 @@ def test_sharded_step_equals_single_device(data, tmp_path):
     sharded = demo_config(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "sharding.llm": "fsdp",
                                      "sharding.dit": "fsdp", "sharding.vision": "fsdp", "sharding.target": "fsdp"})
     train_lib.train(sharded, str(tmp_path / "sharded"))
+    # Losses and gradient norms: float32 rounding of another reduction order.
+    ra, rb = metric_rows(tmp_path / "single"), metric_rows(tmp_path / "sharded")
+    for name in ("loss", "grad_norm"):
+        np.testing.assert_allclose([r[name] for r in rb], [r[name] for r in ra], rtol=1e-5, err_msg=name)
+    # Parameters agree to rtol 2e-5 / atol 2e-6, except where Adam amplifies rounding: its first steps move
+    # an element by about lr * g / |g| whatever |g| is, so an element whose gradient is near zero can move
+    # differently by up to 2 lr per step (seen: 1 of 49k elements, 1.8e-5 at lr 1e-3). Such elements must
+    # be rare (at most 2, or 1e-4 of a large parameter) and within that Adam bound.
     a, b = final_params(tmp_path / "single"), final_params(tmp_path / "sharded")
+    bound = 2 * single.train.learning_rate * single.train.num_steps
     for key in a:
-        np.testing.assert_allclose(b[key], a[key], rtol=2e-5, atol=2e-6, err_msg=key)
-    la = [r["loss"] for r in metric_rows(tmp_path / "single")]
-    lb = [r["loss"] for r in metric_rows(tmp_path / "sharded")]
-    np.testing.assert_allclose(lb, la, rtol=1e-5)
+        off = ~np.isclose(b[key], a[key], rtol=2e-5, atol=2e-6)
+        assert off.sum() <= max(2, off.size // 10_000), (key, int(off.sum()), off.size)
+        assert np.all(np.abs(b[key] - a[key])[off] <= bound), (key, np.abs(b[key] - a[key]).max())

@@ -5,7 +5,8 @@ large; on the left / right / at the top / bottom) drawn with PIL on a white ``im
 Captions: "a red circle on the left" (two objects: "... and a blue square on the right").
 Question/answer pairs in the ``json`` member: "What color is the shape?" -> "red", "What shape is
 it?" -> "circle", "Where is the shape?" -> "left" (two objects: "What color is the circle?",
-"What shape is on the left?"). The ``json`` also lists the objects with their boxes, for scoring.
+"What shape is on the left?"), plus "Describe the image." -> the caption; half the samples shuffle them.
+The ``json`` also lists the objects with their boxes, for scoring.
 
 Everything is written as REAL webdataset tar shards (``{key}.png``, ``{key}.txt``, ``{key}.json``), so
 the demo exercises the same tar source as real BLIP3-o data, and it is a pure function of the seed
@@ -35,6 +36,7 @@ POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bot
 POSITION_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom"}
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 SIZES = {"small": 0.22, "large": 0.34}  # object width as a fraction of the image side
+DESCRIBE_QUESTION = "Describe the image."
 
 # Special tokens and their ids in the demo vocabulary (configs/demo.py: vocab_size 1024).
 DEMO_SPECIAL_TOKENS = {
@@ -111,7 +113,13 @@ def make_sample(index: int, rng: np.random.Generator, image_size: int, two_objec
     image = render(objects, image_size, rng)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    meta = {"objects": objects, "qa": questions_of(objects)}
+    # The turns of an understanding sample: the attribute questions and a description (the caption). Half
+    # the samples keep this canonical order, where the turn number alone tells which attribute is asked:
+    # that lets a model trained from scratch learn to read the image first. The other half are shuffled,
+    # so answering right also needs the question (a fixed order for all makes the model ignore it).
+    qa = questions_of(objects) + [{"question": DESCRIBE_QUESTION, "answer": caption_of(objects)}]
+    order = rng.permutation(len(qa)) if rng.random() < 0.5 else range(len(qa))
+    meta = {"objects": objects, "qa": [qa[i] for i in order]}
     return {"__key__": f"{index:08d}", "png": buf.getvalue(), "txt": caption_of(objects),
             "json": json.dumps(meta, sort_keys=True)}
 
@@ -157,7 +165,7 @@ def demo_corpus() -> list[str]:
         texts += [qa["question"] for qa in questions_of(o)] + [qa["answer"] for qa in questions_of(o)]
         other = dict(o[0], position=OPPOSITE[o[0]["position"]])
         texts += [caption_of([o[0], other])] + [qa["question"] for qa in questions_of([o[0], other])]
-    texts += [chat.SYSTEM_PROMPT, chat.T2I_INSTRUCTION, "system", "user", "assistant", "Describe the image."] * 8
+    texts += [chat.SYSTEM_PROMPT, chat.T2I_INSTRUCTION, "system", "user", "assistant", DESCRIBE_QUESTION] * 8
     return texts
 
 
