@@ -105,8 +105,8 @@ def size_time_ids(batch: int, height: int, width: int) -> jax.Array:
 
 def space_to_depth(x, patch: int):
     """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p pixel block becomes one position's channels
-    (row-major within the block). A pixel-space decoder with ``pixel_patch`` p runs its UNet on this
-    form, so it works at 1/p of the resolution (the demo: 32 px pictures on a 16x16 grid)."""
+    (row-major within the block). A pixel-space decoder with ``pixel_patch`` p (inference.Decoder) runs
+    its UNet on this form, so it works at 1/p of the resolution (the demo: 32 px pictures on a 16x16 grid)."""
     if patch == 1:
         return x
     b, h, w, c = x.shape
@@ -202,7 +202,6 @@ def decode_features(
     key: jax.Array,
     *,
     vae: nnx.Module | None = None,
-    pixel_patch: int = 1,
     height: int = 1024,
     width: int = 1024,
     num_steps: int = 50,
@@ -211,13 +210,10 @@ def decode_features(
 ) -> jax.Array:
     """Target tokens -> images (B, height, width, 3) float32 in [0, 1] (reference 9 "Sampling").
 
-    With ``vae`` the UNet runs on latents of side height / vae.cfg.downscale; without, on pixels in
-    [-1, 1] (the tiny demo decoder), packed ``pixel_patch`` x ``pixel_patch`` into channels
-    (``space_to_depth``; in_channels = out_channels = 3 * pixel_patch**2).
+    With ``vae`` the UNet runs on latents of side height / vae.cfg.downscale; without, directly on pixels
+    (the tiny demo decoder: in_channels = out_channels = 3, values in [-1, 1]).
     """
-    if vae is not None and pixel_patch != 1:
-        raise ValueError("pixel_patch applies to pixel-space decoders only (no VAE)")
-    down = vae.cfg.downscale if vae is not None else pixel_patch
+    down = vae.cfg.downscale if vae is not None else 1
     if height % down or width % down:
         raise ValueError(f"image size {(height, width)} must be a multiple of {down}")
     shape = (cond.shape[0], height // down, width // down, unet.cfg.in_channels)
@@ -235,7 +231,6 @@ def decode_features(
     if vae is not None:
         vae_def, vae_state = nnx.split(vae)
         x = _vae_decode(vae_def, vae_state, x)
-    x = depth_to_space(x, pixel_patch)
     return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
