@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+# Two test processes: XLA compilation, most of the suite's time, uses one core each. Whole files go to
+# one process (--dist loadfile), so module fixtures are built once.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test smoke clean
 
@@ -23,7 +26,7 @@ demo: $(VENV)/.runtime
 
 # Whole test suite (8 fake CPU devices, tiny configs, PyTorch parity references).
 test: $(VENV)/.dev
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15 tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

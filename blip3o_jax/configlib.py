@@ -46,6 +46,7 @@ CHOICES = {
     "train.stage": ("understanding", "generation", "instruction", "joint", "decoder", "pipeline"),
     "train.schedule": ("cosine_with_min_lr", "cosine", "constant"),
     "precompute.feature_dtype": ("float32", "bfloat16"),
+    "demo.decoder_prediction_type": ("v_prediction", "epsilon"),
 }
 
 
@@ -146,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 1
     c.train.init_from = ""  # an Orbax checkpoint or PyTorch directory to initialise parameters from
     c.train.max_nonfinite_steps = 10
+    c.train.freeze_vision_tower = False  # understanding / joint: train the LLM only, keep the Qwen ViT fixed
 
     # The embedded demo (train.stage = "pipeline"): steps of each stage and evaluation sizes.
     c.demo = ml_collections.ConfigDict()
@@ -155,6 +157,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.decoder_steps = 1500
     c.demo.decoder_learning_rate = 1e-3
     c.demo.decoder_pixel_patch = 2  # the pixel-space UNet sees 2x2 pixels per position (space_to_depth)
+    # What the demo decoder predicts (its Euler scheduler is otherwise the released one); see scheduler.py
+    # for why a tiny, briefly trained pixel decoder samples from v prediction but not from epsilon.
+    c.demo.decoder_prediction_type = "v_prediction"
     c.demo.eval_questions = 48
     c.demo.eval_prompts = 48
 

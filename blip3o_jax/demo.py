@@ -2,11 +2,13 @@
 
 Stages, each in its own folder under WORKDIR and each resumable (a finished stage is skipped):
   data           real webdataset tar shards of coloured shapes + a locally trained BPE tokenizer
-  target         the EVA target encoder is given semantic features honestly: a short supervised run
-                 in which linear probes on its pooled tokens must read colour, shape and position
-  understanding  the Qwen2.5-VL backbone (ViT + decoder) learns to answer questions about images
+  target         the EVA target encoder and the backbone's vision tower are given semantic features
+                 honestly: a short supervised run in which linear probes on their mean token must
+                 read colour, shape and position
+  understanding  the Qwen2.5-VL decoder learns to answer questions about images (and to restate
+                 text-to-image prompts); its vision tower stays as the target stage left it
   generation     backbone frozen; queries + DiT head learn flow matching onto the EVA features
-  decoder        a tiny diffusion decoder learns EVA features -> pixels (when available)
+  decoder        a tiny pixel-space diffusion decoder (v prediction) learns EVA features -> pixels
   report         held-out prompts -> images scored by pixel statistics; held-out questions ->
                  greedy answers; WORKDIR/report.json and a grid of samples
 """
@@ -48,70 +50,88 @@ def _progress(steps, stage: str):
 
 
 def train_target_encoder(cfg, workdir: str, steps: int) -> None:
-    """Supervised probes make the EVA features carry colour, shape and position (then discarded)."""
+    """Supervised linear probes make the EVA target features and the backbone's vision tower (its merged
+    image tokens) carry colour, shape and position; the probes are then discarded.
+
+    The released model starts from pretrained EVA-CLIP and Qwen2.5-VL vision towers whose features
+    already name these things; a from-scratch ViT learning them only through the language-model loss
+    of the understanding stage takes far longer than the demo's budget (measured: it then learns one
+    attribute)."""
     import jax
     import optax
     from flax import nnx
 
     from blip3o_jax import checkpointing, model as model_lib, preprocess, sharding
     from blip3o_jax.data import synthetic
+    from blip3o_jax.qwen_image_processor import QwenImageProcessor
 
     if _done(workdir):
         return
     mesh = sharding.make_mesh(cfg.mesh)
     model = model_lib.build_model(cfg, mesh)
-    encoder = model.target_encoder
-    n_tokens, width = (cfg.model.dit.input_size // cfg.model.dit.patch_size) ** 2, cfg.model.eva.width
     colors, shapes, positions = list(synthetic.COLORS), list(synthetic.SHAPES), list(synthetic.POSITIONS)
 
     class Probes(nnx.Module):
-        def __init__(self, rngs):
+        def __init__(self, width, rngs):
             self.color = nnx.Linear(width, len(colors), rngs=rngs)
             self.shape = nnx.Linear(width, len(shapes), rngs=rngs)
-            self.position = nnx.Linear(n_tokens * width, len(positions), rngs=rngs)
+            self.position = nnx.Linear(width, len(positions), rngs=rngs)
 
-    probes = Probes(nnx.Rngs(1))
+        def loss(self, feats, labels):  # feats (B, N, C)
+            # Every probe reads the mean token, so position must live in the tokens' content, not only
+            # in which token is active: the decoder's and the DiT's cross-attention cannot see token order.
+            ce = optax.softmax_cross_entropy_with_integer_labels
+            pooled = feats.mean(axis=1)
+            return sum(ce(probe(pooled), labels[:, k]).mean()
+                       for k, probe in enumerate((self.color, self.shape, self.position)))
+
+    # The understanding stage's image preprocessing (data.samples.UnderstandingTransform).
+    geometry = preprocess.ImagePreprocessor(cfg.data.und_image_size).geometry
+    processor = QwenImageProcessor(min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+    _, vit_grid = processor.preprocess_one(np.zeros((cfg.data.und_image_size,) * 2 + (3,), np.uint8))
+    n_image_tokens = int(np.prod(vit_grid)) // processor.merge_size**2
+    probes = (Probes(cfg.model.eva.width, nnx.Rngs(1)), Probes(cfg.model.llm.hidden_size, nnx.Rngs(2)))
     pre = preprocess.for_encoder(cfg.model.target_encoder, cfg.model.eva.image_size)
     rng = np.random.default_rng(cfg.data.seed + 7)
     batch_size = cfg.data.global_batch_size
 
     def draw():
-        images, labels = [], []
+        images, vit_pixels, labels = [], [], []
         for _ in range(batch_size):
             obj = synthetic.random_scene(rng, two_objects=False)
-            images.append(pre(synthetic.render(obj, cfg.data.image_size, rng)))
+            picture = synthetic.render(obj, cfg.data.image_size, rng)
+            images.append(pre(picture))
+            vit_pixels.append(processor.preprocess_one(geometry(picture))[0])
             o = obj[0]
             labels.append((colors.index(o["color"]), shapes.index(o["shape"]), positions.index(o["position"])))
-        return np.stack(images), np.asarray(labels, np.int32)
+        return np.stack(images), np.concatenate(vit_pixels), np.asarray(labels, np.int32)
 
     tx = optax.adam(1e-3)
-    graphdef, params = nnx.split((encoder, probes), nnx.Param)
+    graphdef, params = nnx.split((model.target_encoder, model.backbone.visual, probes), nnx.Param)
     (params, opt_state), shardings = sharding.place_on_mesh((params, tx.init(params)), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    grids = np.tile(np.asarray(vit_grid, np.int64), (batch_size, 1))
 
-    @functools.partial(jax.jit, in_shardings=(*shardings, None, None), out_shardings=(*shardings, replicated),
-                       donate_argnums=(0, 1))
-    def step(params, opt_state, images, labels):
+    @functools.partial(jax.jit, in_shardings=(*shardings, None, None, None),
+                       out_shardings=(*shardings, replicated), donate_argnums=(0, 1))
+    def step(params, opt_state, images, vit_pixels, labels):
         def loss_fn(p):
-            enc, pr = nnx.merge(graphdef, p)
-            feats = enc.target_features(images)  # (B, N, C)
-            pooled = feats.mean(axis=1)
-            ce = optax.softmax_cross_entropy_with_integer_labels
-            loss = (ce(pr.color(pooled), labels[:, 0]).mean() + ce(pr.shape(pooled), labels[:, 1]).mean()
-                    + ce(pr.position(feats.reshape(feats.shape[0], -1)), labels[:, 2]).mean())
-            return loss
+            encoder, visual, (target_probes, vit_probes) = nnx.merge(graphdef, p)
+            image_tokens = visual(vit_pixels, grids).reshape(batch_size, n_image_tokens, -1)
+            return target_probes.loss(encoder.target_features(images), labels) + vit_probes.loss(image_tokens, labels)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     with jax.set_mesh(mesh):
-        for i in _progress(range(steps), "target encoder"):
+        for i in _progress(range(steps), "target encoder + vision tower"):
             params, opt_state, loss = step(params, opt_state, *draw())
             if (i + 1) % max(steps // 5, 1) == 0:
-                logging.info("target encoder step %d/%d: probe loss %.4f", i + 1, steps, float(loss))
-    encoder_trained, _ = nnx.merge(graphdef, params)
-    nnx.update(model.target_encoder, nnx.state(encoder_trained, nnx.Param))
+                logging.info("target encoder + vision tower step %d/%d: probe loss %.4f", i + 1, steps, float(loss))
+    encoder, visual, _ = nnx.merge(graphdef, params)
+    nnx.update(model.target_encoder, nnx.state(encoder, nnx.Param))
+    nnx.update(model.backbone.visual, nnx.state(visual, nnx.Param))
     checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(model), cfg.to_dict())
 
 
@@ -151,6 +171,7 @@ def train_decoder(cfg, workdir: str, model, steps: int):
     uncond = decoder_uncond(model)
     encoder_def, encoder_state = nnx.split(model.target_encoder)
     graphdef, params = nnx.split(unet, nnx.Param)
+    sched_cfg = inference.demo_decoder_scheduler(cfg)
     lr = cfg.demo.decoder_learning_rate
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2), lr / 10))
     (params, opt_state), shardings = sharding.place_on_mesh((params, tx.init(params)), mesh)
@@ -162,7 +183,8 @@ def train_decoder(cfg, workdir: str, model, steps: int):
         feats = nnx.merge(encoder_def, encoder_state).target_features(images)
         x0 = scheduler.space_to_depth(pixels, patch)
         loss_fn = lambda p: scheduler.diffusion_loss(nnx.merge(graphdef, p), x0, feats, key, uncond=uncond,
-                                                     cond_drop_prob=0.1, pixel_size=(size, size))
+                                                     cond_drop_prob=0.1, pixel_size=(size, size),
+                                                     scheduler=sched_cfg)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -181,7 +203,7 @@ def train_decoder(cfg, workdir: str, model, steps: int):
                 logging.info("decoder step %d/%d: loss %.4f", i + 1, steps, float(loss))
     nnx.update(unet, params)
     checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(unet))
-    return inference.Decoder(unet, pixel_patch=patch)
+    return inference.Decoder(unet, scheduler=sched_cfg, pixel_patch=patch)
 
 
 # ---------------------------------------------------------------------------------------------

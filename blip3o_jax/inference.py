@@ -157,11 +157,16 @@ def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = N
 
 def _load_demo_decoder(cfg, path: str, mesh) -> Decoder:
     """The demo's pixel-space UNet (``WORKDIR/decoder/params``, config in ``cfg.model.decoder``, pixel patch
-    ``cfg.demo.decoder_pixel_patch``)."""
+    ``cfg.demo.decoder_pixel_patch``, prediction type ``cfg.demo.decoder_prediction_type``)."""
     ucfg = configlib.component(cfg, "decoder")
     graphdef, abstract = _abstract(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(0)), mesh, cfg.sharding.target)
     return Decoder(nnx.merge(graphdef, checkpointing.restore_params(path, abstract)),
-                   pixel_patch=cfg.demo.decoder_pixel_patch)
+                   scheduler=demo_decoder_scheduler(cfg), pixel_patch=cfg.demo.decoder_pixel_patch)
+
+
+def demo_decoder_scheduler(cfg) -> sched_lib.SchedulerConfig:
+    """The released decoder's Euler scheduler with the demo's ``demo.decoder_prediction_type``."""
+    return sched_lib.SchedulerConfig(prediction_type=cfg.demo.decoder_prediction_type)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,15 +237,21 @@ def abstract_model(cfg, mesh):
     return sharding.abstract_with_shardings(lambda: Blip3o(mcfg, rngs=nnx.Rngs(0)), mesh, component_rules(cfg))
 
 
-def trainable_filter(stage: str):
-    """Which parameters a stage trains; everything else is frozen (no gradients, no optimizer state)."""
+def trainable_filter(stage: str, freeze_vision_tower: bool = False):
+    """Which parameters a stage trains; everything else is frozen (no gradients, no optimizer state).
+
+    ``freeze_vision_tower`` (config.train.freeze_vision_tower) keeps the backbone's ViT and merger fixed
+    in the stages that train the backbone, as LLaVA-style fine-tuning of a pretrained tower does."""
     head = nnx.Any(nnx.PathContains("gen_head"), nnx.PathContains("latent_queries"))
+    backbone = nnx.PathContains("backbone")
+    if freeze_vision_tower:
+        backbone = nnx.All(backbone, nnx.Not(nnx.PathContains("visual")))
     if stage in ("generation", "instruction"):
         return nnx.All(nnx.Param, head)
     if stage == "understanding":
-        return nnx.All(nnx.Param, nnx.PathContains("backbone"))
+        return nnx.All(nnx.Param, backbone)
     if stage == "joint":
-        return nnx.All(nnx.Param, nnx.Any(head, nnx.PathContains("backbone")))
+        return nnx.All(nnx.Param, nnx.Any(head, backbone))
     raise ValueError(f"stage {stage!r} trains nothing; allowed: generation, instruction, understanding, joint")
 
 

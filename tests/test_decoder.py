@@ -191,6 +191,36 @@ def test_euler_tables(steps):
         assert timesteps[0] == 981 and timesteps[-1] == 1 and np.all(np.diff(timesteps) == -20)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_euler_steps_match_diffusers(prediction_type):
+    """The Euler update for each prediction type, on made-up model outputs, vs EulerDiscreteScheduler.step."""
+    from diffusers import EulerDiscreteScheduler
+
+    steps = 7
+    ref = EulerDiscreteScheduler(**dict(EULER, prediction_type=prediction_type))
+    ref.set_timesteps(steps)
+    _, sigmas, init = sched.euler_tables(steps)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 4, 3)).astype(np.float32) * init
+    x_ref = torch.from_numpy(x)
+    for i, t in enumerate(ref.timesteps):
+        out = rng.standard_normal(x.shape).astype(np.float32)
+        x_ref = ref.step(torch.from_numpy(out), t, x_ref).prev_sample
+        x = np.asarray(sched.euler_step(jnp.asarray(x), jnp.asarray(out), sigmas[i], sigmas[i + 1], prediction_type))
+        _close(x, x_ref.numpy())
+
+
+def test_velocity_matches_diffusers():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    rng = np.random.default_rng(6)
+    x0, noise = (rng.standard_normal((3, 4, 4, 3)).astype(np.float32) for _ in range(2))
+    t = np.asarray([0, 500, 999])
+    want = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t)).numpy()
+    _close(sched.velocity(jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t)), want)
+
+
 def test_guided_euler_loop(decoder_dir, loaded, inputs):
     """5 Euler steps with CFG 3.0 ([cond, uncond]) from identical noise vs a diffusers-scheduler torch loop."""
     from diffusers import EulerDiscreteScheduler

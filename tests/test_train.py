@@ -178,3 +178,21 @@ def test_sharded_step_equals_single_device(data, tmp_path):
         off = ~np.isclose(b[key], a[key], rtol=2e-5, atol=2e-6)
         assert off.sum() <= max(2, off.size // 10_000), (key, int(off.sum()), off.size)
         assert np.all(np.abs(b[key] - a[key])[off] <= bound), (key, np.abs(b[key] - a[key]).max())
+
+
+@pytest.mark.parametrize("stage", ["understanding", "joint"])
+def test_freeze_vision_tower_keeps_only_the_vit_out_of_training(stage):
+    from flax import nnx
+
+    from blip3o_jax import model as model_lib
+    from blip3o_jax import sharding
+
+    cfg = demo_config()
+    graphdef, abstract = model_lib.abstract_model(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    module = nnx.merge(graphdef, abstract)
+    paths = lambda freeze: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        nnx.to_pure_dict(nnx.state(module, model_lib.trainable_filter(stage, freeze))))}
+    everything, frozen_vit = paths(False), paths(True)
+    vit = {p for p in everything if "'visual'" in p}
+    assert vit and any("'backbone'" in p and "'visual'" not in p for p in frozen_vit)
+    assert frozen_vit == everything - vit

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from blip3o_jax import chat
 from blip3o_jax.data.sources import write_tar_shard
 
 SHAPES = ("circle", "square", "triangle")
@@ -117,7 +118,14 @@ def make_sample(index: int, rng: np.random.Generator, image_size: int, two_objec
     # the samples keep this canonical order, where the turn number alone tells which attribute is asked:
     # that lets a model trained from scratch learn to read the image first. The other half are shuffled,
     # so answering right also needs the question (a fixed order for all makes the model ignore it).
-    qa = questions_of(objects) + [{"question": DESCRIBE_QUESTION, "answer": caption_of(objects)}]
+    # A text turn teaches the tiny backbone to read a text-to-image prompt, as a pretrained LLM can: asked
+    # for another scene's image, the assistant restates the object ("red circle on the left"). The
+    # generation stage freezes the backbone, and its query states carry only what the backbone's attention
+    # brings from the prompt; answering with the colour first makes the prompt's last state hold it
+    # (measured without this turn: the query states vary with the position words only).
+    prompt = caption_of(random_scene(rng, two_objects=False))
+    qa = questions_of(objects) + [{"question": DESCRIBE_QUESTION, "answer": caption_of(objects)},
+                                  {"question": chat.T2I_INSTRUCTION + prompt, "answer": prompt.removeprefix("a ")}]
     order = rng.permutation(len(qa)) if rng.random() < 0.5 else range(len(qa))
     meta = {"objects": objects, "qa": [qa[i] for i in order]}
     return {"__key__": f"{index:08d}", "png": buf.getvalue(), "txt": caption_of(objects),
