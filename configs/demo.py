@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
     # understanding stage then trains the LLM only (measured: 0.90 held-out accuracy vs 0.42 with the ViT
     # trained too, whose features the early language-model gradients scramble).
     c.train.freeze_vision_tower = True
-    c.demo.update(dict(target_steps=600, understanding_steps=1200, generation_steps=1200, decoder_steps=450))
+    c.demo.update(dict(target_steps=600, understanding_steps=1800, generation_steps=1000, decoder_steps=400))
     c.train.num_steps = 2000
     c.train.learning_rate = 1e-3
     c.train.min_learning_rate = 1e-4
