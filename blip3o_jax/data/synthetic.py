@@ -121,8 +121,8 @@ def make_sample(index: int, rng: np.random.Generator, image_size: int, two_objec
     # A text turn teaches the tiny backbone to read a text-to-image prompt, as a pretrained LLM can: asked
     # for another scene's image, the assistant restates the object ("red circle on the left"). The
     # generation stage freezes the backbone, and its query states carry only what the backbone's attention
-    # brings from the prompt; answering with the colour first makes the prompt's last state hold it
-    # (measured without this turn: the query states vary with the position words only).
+    # brings from the prompt (measured: their across-prompt spread rose from 0.096 to 0.126 of their
+    # overall spread with this turn, and generated positions went from chance to ~0.6-0.9).
     prompt = caption_of(random_scene(rng, two_objects=False))
     qa = questions_of(objects) + [{"question": DESCRIBE_QUESTION, "answer": caption_of(objects)},
                                   {"question": chat.T2I_INSTRUCTION + prompt, "answer": prompt.removeprefix("a ")}]
