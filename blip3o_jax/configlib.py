@@ -46,7 +46,8 @@ CHOICES = {
     "train.stage": ("understanding", "generation", "instruction", "joint", "decoder", "pipeline"),
     "train.schedule": ("cosine_with_min_lr", "cosine", "constant"),
     "precompute.feature_dtype": ("float32", "bfloat16"),
-    "demo.decoder_prediction_type": ("v_prediction", "epsilon"),
+    "data.generation_prompt": ("training", "inference"),
+    "demo.decoder_prediction_type": ("v_prediction", "epsilon", "sample"),
 }
 
 
@@ -119,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     # With data.paths naming directories written by blip3o_jax.precompute: train on their stored
     # condition states too (the backbone and latent queries then get no gradient; the head trains alone).
     c.data.precomputed_condition = False
+    # Text-to-image training sequence: "training" = the reference's (closed empty assistant turn), or
+    # "inference" = the open assistant turn that inference conditions on (data.samples.generation_tokens).
+    c.data.generation_prompt = "training"
 
     # ``python -m blip3o_jax.precompute``: the frozen target encoder run once over config.data into
     # ArrayRecord shards that training reads instead of images (data.paths = the output directory).
@@ -148,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""  # an Orbax checkpoint or PyTorch directory to initialise parameters from
     c.train.max_nonfinite_steps = 10
     c.train.freeze_vision_tower = False  # understanding / joint: train the LLM only, keep the Qwen ViT fixed
+    c.train.freeze_latent_queries = False  # generation / instruction / joint: keep the queries at their init
 
     # The embedded demo (train.stage = "pipeline"): steps of each stage and evaluation sizes.
     c.demo = ml_collections.ConfigDict()

@@ -237,12 +237,16 @@ def abstract_model(cfg, mesh):
     return sharding.abstract_with_shardings(lambda: Blip3o(mcfg, rngs=nnx.Rngs(0)), mesh, component_rules(cfg))
 
 
-def trainable_filter(stage: str, freeze_vision_tower: bool = False):
+def trainable_filter(stage: str, freeze_vision_tower: bool = False, freeze_latent_queries: bool = False):
     """Which parameters a stage trains; everything else is frozen (no gradients, no optimizer state).
 
     ``freeze_vision_tower`` (config.train.freeze_vision_tower) keeps the backbone's ViT and merger fixed
-    in the stages that train the backbone, as LLaVA-style fine-tuning of a pretrained tower does."""
-    head = nnx.Any(nnx.PathContains("gen_head"), nnx.PathContains("latent_queries"))
+    in the stages that train the backbone, as LLaVA-style fine-tuning of a pretrained tower does.
+    ``freeze_latent_queries`` (config.train.freeze_latent_queries) keeps the queries at their
+    initial values, so the generation head learns a fixed condition (see configs/demo.py)."""
+    head = nnx.PathContains("gen_head")
+    if not freeze_latent_queries:
+        head = nnx.Any(head, nnx.PathContains("latent_queries"))
     backbone = nnx.PathContains("backbone")
     if freeze_vision_tower:
         backbone = nnx.All(backbone, nnx.Not(nnx.PathContains("visual")))
@@ -253,6 +257,11 @@ def trainable_filter(stage: str, freeze_vision_tower: bool = False):
     if stage == "joint":
         return nnx.All(nnx.Param, nnx.Any(head, backbone))
     raise ValueError(f"stage {stage!r} trains nothing; allowed: generation, instruction, understanding, joint")
+
+
+def stage_trainable(cfg, stage: str):
+    """``trainable_filter`` for ``stage`` with the freeze options of ``cfg.train``."""
+    return trainable_filter(stage, cfg.train.freeze_vision_tower, cfg.train.freeze_latent_queries)
 
 
 def stage_loss(model: Blip3o, stage: str, batch: dict, rng: jax.Array, image_grid=None) -> tuple[jax.Array, dict]:
@@ -304,7 +313,8 @@ def step_flops(cfg, stage: str, n_trainable: int, precomputed: bool = False) -> 
     n_tokens_target = (cfg.model.eva.image_size // cfg.model.eva.patch_size) ** 2 + 1
     total = 0.0
     if stage in ("generation", "instruction", "joint"):
-        llm_mode = "train" if stage == "joint" else "backprop"  # grads flow through the LLM to the queries
+        # Gradients flow back through the LLM to trainable queries; frozen ones need its forward pass only.
+        llm_mode = "train" if stage == "joint" else "forward" if cfg.train.freeze_latent_queries else "backprop"
         total += flops.dense_flops(llm, b * length, llm_mode)
         total += flops.dense_flops(head, b * (cfg.model.dit.input_size // cfg.model.dit.patch_size) ** 2, "train")
         total += flops.dense_flops(target, b * n_tokens_target, "forward")

@@ -196,7 +196,7 @@ def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=No
 
     if module is None:
         module, specs = abstract_parameters(cfg)
-    trainable = set(_paths(nnx.state(module, model_lib.trainable_filter(stage, cfg.train.freeze_vision_tower))))
+    trainable = set(_paths(nnx.state(module, model_lib.stage_trainable(cfg, stage))))
     param_size = np.dtype(dtype_of(cfg.model.param_dtype)).itemsize
     counts: dict[str, list[int]] = {}
     layer: dict[str, float] = {}  # elements of one scanned block per component, as gathered for its matmuls
@@ -386,7 +386,7 @@ def compile_train_step(cfg, stage: str, mesh) -> dict:
 
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
     module = nnx.merge(graphdef, abstract)
-    graphdef, trainable, frozen = nnx.split(module, model_lib.trainable_filter(stage, cfg.train.freeze_vision_tower), ...)
+    graphdef, trainable, frozen = nnx.split(module, model_lib.stage_trainable(cfg, stage), ...)
     tx = optim.make_optimizer(cfg.train)
     to_sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     trainable, frozen = jax.tree.map(to_sds, trainable), jax.tree.map(to_sds, frozen)

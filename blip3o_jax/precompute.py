@@ -95,6 +95,7 @@ class PrecomputeTransform:
     max_length: int = 0
     n_query: int = 0
     ids: samples_lib.SpecialIds = samples_lib.SpecialIds()
+    prompt: str = "training"  # config.data.generation_prompt
 
     def __post_init__(self):
         from blip3o_jax import preprocess
@@ -114,7 +115,7 @@ class PrecomputeTransform:
                "target_image": self.preprocessor(image)}
         if self.tokenizer is not None:
             tokens = samples_lib.generation_tokens(self.tokenizer, caption, max_length=self.max_length,
-                                                   n_query=self.n_query, ids=self.ids)
+                                                   n_query=self.n_query, ids=self.ids, prompt=self.prompt)
             out.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
                        query_start=tokens["query_start"])
         return out
@@ -348,7 +349,7 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
     indices = np.concatenate([np.arange(*bounds(c)) for c in pending] or [np.zeros((0,), np.int64)])
     transform = PrecomputeTransform(size, cfg.model.target_encoder, tokenizer if with_condition else None,
                                     cfg.data.max_length, cfg.model.n_query,
-                                    samples_lib.SpecialIds.from_config(cfg.model))
+                                    samples_lib.SpecialIds.from_config(cfg.model), cfg.data.generation_prompt)
     elements = iter(())
     if len(indices):
         ds = grain.MapDataset.source(_Selected(source, indices)).map(transform)

@@ -16,6 +16,9 @@ The released decoder predicts ε. The demo's tiny pixel decoder predicts v = sqr
 (diffusers' ``prediction_type="v_prediction"``): with ε prediction the first sampling steps recover x0
 as (x − sqrt(1 − ᾱ) ε̂) / sqrt(ᾱ), which multiplies a small model's ε error by 1 / sqrt(ᾱ_999) ≈ 15,
 and the trajectory never returns to the image manifold (measured: 600-step demo UNet, x0 mse 6.5).
+``prediction_type="sample"`` (the model predicts x0) is supported too: for the 400-step demo decoder it
+gives the same autoencoding accuracy as v (48 images: colour 0.90 vs 0.92, shape 0.42 vs 0.46, position
+0.88 both) with clean white backgrounds but blurrier edges.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class SchedulerConfig:
     interpolation_type: str = "linear"
 
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def check_scheduler_config(cfg: SchedulerConfig) -> None:
@@ -108,6 +111,8 @@ def euler_step(x: jax.Array, model_output: jax.Array, sigma: jax.Array, sigma_ne
         x0 = x - sigma * out
     elif prediction_type == "v_prediction":
         x0 = out * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
+    elif prediction_type == "sample":
+        x0 = out
     else:
         raise ValueError(f"prediction_type {prediction_type!r} not supported {PREDICTION_TYPES}")
     derivative = (x - x0) / sigma
@@ -279,7 +284,7 @@ def diffusion_loss(
     cond_drop_prob: float = 0.0,
     scheduler: SchedulerConfig = SchedulerConfig(),
 ) -> jax.Array:
-    """ε- or v-prediction MSE (``scheduler.prediction_type``) at a uniformly random integer timestep (the
+    """ε-, v- or x0-prediction MSE (``scheduler.prediction_type``) at a uniformly random integer timestep (the
     objective the Euler sampler inverts).
 
     x0 (B, h, w, C) clean latents (already times scaling_factor) or pixels in [-1, 1]; cond (B, L, D)
@@ -294,7 +299,8 @@ def diffusion_loss(
     noise = jax.random.normal(k_eps, x0.shape, jnp.float32)
     x0 = x0.astype(jnp.float32)
     x_t = add_noise(x0, noise, t, scheduler)
-    target = noise if scheduler.prediction_type == "epsilon" else velocity(x0, noise, t, scheduler)
+    target = {"epsilon": lambda: noise, "v_prediction": lambda: velocity(x0, noise, t, scheduler),
+              "sample": lambda: x0}[scheduler.prediction_type]()
     if uncond is not None and cond_drop_prob > 0:
         drop = jax.random.bernoulli(k_drop, cond_drop_prob, (b, 1, 1))
         cond = jnp.where(drop, jnp.broadcast_to(uncond, cond.shape), cond)

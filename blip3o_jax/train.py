@@ -90,7 +90,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     model = model_lib.build_model(cfg, mesh)
     if cfg.train.init_from:
         model_lib.load_params(model, cfg.train.init_from, mesh)
-    graphdef, trainable, frozen = nnx.split(model, model_lib.trainable_filter(stage, cfg.train.freeze_vision_tower), ...)
+    graphdef, trainable, frozen = nnx.split(model, model_lib.stage_trainable(cfg, stage), ...)
     del model
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     logging.info("trainable parameters: %s; frozen: %s", f"{n_trainable:,}",

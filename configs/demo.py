@@ -55,7 +55,15 @@ def get_config(arg: str | None = None):
     # understanding stage then trains the LLM only (measured: 0.90 held-out accuracy vs 0.42 with the ViT
     # trained too, whose features the early language-model gradients scramble).
     c.train.freeze_vision_tower = True
-    c.demo.update(dict(target_steps=600, understanding_steps=1800, generation_steps=1000, decoder_steps=400))
+    # Generation trains the DiT on a fixed condition: the queries stay at their random init and the
+    # training sequence is the inference prompt. Measured (DiT samples vs per-combo feature centroids,
+    # colour / shape / position): trained queries 0.56 / 0.42 / 0.94 (they collapse onto the position
+    # words); frozen 0.65 / 0.58 / 0.63, as the reference's training prompt (closed empty assistant turn)
+    # gives this tiny backbone query states 1.7x their across-prompt spread away from the inference ones;
+    # frozen + inference prompt 0.81 / 0.92 / 1.0. The LLM then runs forward only: ~4x cheaper steps.
+    c.train.freeze_latent_queries = True
+    c.data.generation_prompt = "inference"
+    c.demo.update(dict(target_steps=600, understanding_steps=1600, generation_steps=1700, decoder_steps=500))
     c.train.num_steps = 2000
     c.train.learning_rate = 1e-3
     c.train.min_learning_rate = 1e-4

@@ -422,3 +422,13 @@ def test_place_batch_on_mesh(shards, demo_tok):
     batch = pipeline.place_batch(next(it), mesh)
     assert "key" not in batch and batch["target_image"].shape == (8, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert batch["input_ids"].sharding.spec[0] == ("data", "fsdp") and len(jax.devices()) == 8
+
+
+def test_generation_inference_prompt_real_qwen_ids(qwen_tok):
+    """prompt="inference": the text is chat.t2i_prompt (open assistant turn), then [IMG] and the queries."""
+    ids = samples.SpecialIds()
+    full = qwen_tok.encode(chat.t2i_prompt("a red circle"), add_special_tokens=False)
+    out = samples.generation_tokens(qwen_tok, "a red circle", max_length=512, n_query=64, ids=ids, prompt="inference")
+    n = len(full)
+    np.testing.assert_array_equal(out["input_ids"][:n], full)
+    assert out["query_start"] == n + 1 and out["input_ids"][n] == 151665 and out["attention_mask"].sum() == n + 65

@@ -191,7 +191,7 @@ def test_euler_tables(steps):
         assert timesteps[0] == 981 and timesteps[-1] == 1 and np.all(np.diff(timesteps) == -20)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_euler_steps_match_diffusers(prediction_type):
     """The Euler update for each prediction type, on made-up model outputs, vs EulerDiscreteScheduler.step."""
     from diffusers import EulerDiscreteScheduler

@@ -220,3 +220,30 @@ def test_eval_geneval_layout_and_vqa(checkpoints, pipe, tmp_path):
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = eval_lib.main(["vqa", "--checkpoint", str(dst), "--data", str(tmp_path / "qa.jsonl"), "--devices", "1"])
     assert result["n"] == 2 and result["accuracy"] == 0.5
+
+
+def test_inference_form_training_sequence_gives_the_inference_condition(pipe):
+    """data.generation_prompt = "inference": the training-form query states (queries written into the
+    sample's slots) equal Pipeline/model.condition on the same caption; the reference form does not."""
+    import jax
+
+    from blip3o_jax import chat
+    from blip3o_jax.data import samples
+
+    ids = samples.SpecialIds.from_config(pipe.cfg.model)
+    captions = ["a red circle left", "a big blue square at the top"]
+    prompt_ids, prompt_mask = pipe.encode([chat.t2i_prompt(c) for c in captions])
+    with jax.set_mesh(pipe.mesh):
+        reference = np.asarray(pipe.model.condition(prompt_ids, prompt_mask))
+
+        def states(prompt):
+            rows = [samples.generation_tokens(pipe.tokenizer, c, max_length=64, n_query=N_QUERY, ids=ids, prompt=prompt)
+                    for c in captions]
+            b = {k: np.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "query_start")}
+            return np.asarray(pipe.model.query_states(b["input_ids"], b["attention_mask"], b["query_start"]))
+
+        inference_form, training_form = states("inference"), states("training")
+    np.testing.assert_allclose(inference_form, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    assert np.abs(training_form - reference).max() > 1e-2 * np.abs(reference).max()
+    with pytest.raises(ValueError, match="generation prompt 'chat'"):
+        samples.generation_tokens(pipe.tokenizer, "x", max_length=64, n_query=N_QUERY, ids=ids, prompt="chat")

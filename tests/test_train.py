@@ -196,3 +196,21 @@ def test_freeze_vision_tower_keeps_only_the_vit_out_of_training(stage):
     vit = {p for p in everything if "'visual'" in p}
     assert vit and any("'backbone'" in p and "'visual'" not in p for p in frozen_vit)
     assert frozen_vit == everything - vit
+
+
+@pytest.mark.parametrize("stage", ["generation", "instruction", "joint"])
+def test_freeze_latent_queries_keeps_only_the_queries_out_of_training(stage):
+    from flax import nnx
+
+    from blip3o_jax import model as model_lib
+    from blip3o_jax import sharding
+
+    cfg = demo_config()
+    graphdef, abstract = model_lib.abstract_model(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
+    module = nnx.merge(graphdef, abstract)
+    paths = lambda freeze: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+        nnx.to_pure_dict(nnx.state(module, model_lib.trainable_filter(stage, freeze_latent_queries=freeze))))}
+    everything, frozen_queries = paths(False), paths(True)
+    queries = {p for p in everything if "latent_queries" in p}
+    assert len(queries) == 1 and any("'gen_head'" in p for p in frozen_queries)
+    assert frozen_queries == everything - queries

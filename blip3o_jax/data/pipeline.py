@@ -233,7 +233,8 @@ def make_transform(config, tokenizer, kind: str, *, und_image_size: int = 448, m
         return samples_lib.GenerationTransform(tokenizer, max_length=config.data.max_length,
                                                n_query=config.model.n_query, image_size=config.data.image_size,
                                                target_encoder=config.model.target_encoder, ids=ids,
-                                               use_condition=config.data.precomputed_condition)
+                                               use_condition=config.data.precomputed_condition,
+                                               prompt=config.data.generation_prompt)
     if kind == "understanding":
         return samples_lib.UnderstandingTransform(tokenizer, max_length=config.data.max_length,
                                                   image_size=und_image_size, max_patches=max_patches,

@@ -97,14 +97,26 @@ def _pad(ids: list[int], labels: list[int], max_length: int, pad_id: int) -> dic
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).astype(np.int32), "labels": out_labels}
 
 
+GENERATION_PROMPTS = ("training", "inference")
+
+
 def generation_tokens(tokenizer, caption: str, *, max_length: int, n_query: int,
-                      ids: SpecialIds = SpecialIds()) -> dict[str, np.ndarray]:
-    """input_ids, attention_mask, labels (max_length,) int32 and query_start () int32 for one caption."""
-    # Messages tokenized one by one as preprocess_qwen does; together they are chat.t2i_training_prompt.
+                      ids: SpecialIds = SpecialIds(), prompt: str = "training") -> dict[str, np.ndarray]:
+    """input_ids, attention_mask, labels (max_length,) int32 and query_start () int32 for one caption.
+
+    ``prompt`` (config.data.generation_prompt): "training" is the reference's training sequence (empty,
+    closed assistant turn, chat.t2i_training_prompt); "inference" ends with the open assistant turn
+    that inference conditions on (chat.t2i_prompt), removing the reference's train/inference mismatch
+    (reference 4.4): a small backbone's query states differ a lot between the two (configs/demo.py)."""
+    if prompt not in GENERATION_PROMPTS:
+        raise ValueError(f"generation prompt {prompt!r}; allowed: {GENERATION_PROMPTS}")
+    # Messages tokenized one by one as preprocess_qwen does; together they are chat.t2i_training_prompt
+    # (or chat.t2i_prompt).
+    assistant = chat.turn("assistant", "") if prompt == "training" else chat.assistant_start()
     parts = [
         (encode(tokenizer, chat.turn("system", chat.SYSTEM_PROMPT)), False),
         (encode(tokenizer, chat.turn("user", chat.T2I_INSTRUCTION + caption)), False),
-        (encode(tokenizer, chat.turn("assistant", "")), True),
+        (encode(tokenizer, assistant), True),
     ]
     text_ids = [t for part, _ in parts for t in part]
     labels = [t if trained else IGNORE_INDEX for part, trained in parts for t in part]
@@ -205,6 +217,7 @@ class GenerationTransform:
     target_encoder: str = "eva_clip"
     ids: SpecialIds = SpecialIds()
     use_condition: bool = False
+    prompt: str = "training"  # config.data.generation_prompt (see generation_tokens)
 
     def __post_init__(self):
         from blip3o_jax import preprocess
@@ -219,7 +232,7 @@ class GenerationTransform:
             return skip(MISSING_CAPTION, record["key"])
         if "target_features" in record and not record.get("error"):
             out = generation_tokens(self.tokenizer, caption, max_length=self.max_length, n_query=self.n_query,
-                                    ids=self.ids)
+                                    ids=self.ids, prompt=self.prompt)
             out["target_features"] = record["target_features"]
             if self.use_condition:
                 if "condition" not in record:
@@ -234,7 +247,7 @@ class GenerationTransform:
         if isinstance(image, dict):
             return image
         out = generation_tokens(self.tokenizer, caption, max_length=self.max_length, n_query=self.n_query,
-                                ids=self.ids)
+                                ids=self.ids, prompt=self.prompt)
         out["target_image"] = self.preprocessor(image)
         out["key"] = record["key"]
         return out
