@@ -63,7 +63,7 @@ def get_config(arg: str | None = None):
     # frozen + inference prompt 0.81 / 0.92 / 1.0. The LLM then runs forward only: ~4x cheaper steps.
     c.train.freeze_latent_queries = True
     c.data.generation_prompt = "inference"
-    c.demo.update(dict(target_steps=600, understanding_steps=1600, generation_steps=1700, decoder_steps=500))
+    c.demo.update(dict(target_steps=600, understanding_steps=1800, generation_steps=2000, decoder_steps=600))
     c.train.num_steps = 2000
     c.train.learning_rate = 1e-3
     c.train.min_learning_rate = 1e-4
