@@ -299,8 +299,12 @@ def diffusion_loss(
     noise = jax.random.normal(k_eps, x0.shape, jnp.float32)
     x0 = x0.astype(jnp.float32)
     x_t = add_noise(x0, noise, t, scheduler)
-    target = {"epsilon": lambda: noise, "v_prediction": lambda: velocity(x0, noise, t, scheduler),
-              "sample": lambda: x0}[scheduler.prediction_type]()
+    if scheduler.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.prediction_type == "v_prediction":
+        target = velocity(x0, noise, t, scheduler)
+    else:  # "sample"
+        target = x0
     if uncond is not None and cond_drop_prob > 0:
         drop = jax.random.bernoulli(k_drop, cond_drop_prob, (b, 1, 1))
         cond = jnp.where(drop, jnp.broadcast_to(uncond, cond.shape), cond)

@@ -182,8 +182,8 @@ def test_sharded_step_equals_single_device(data, tmp_path):
         assert np.all(np.abs(b[key] - a[key])[off] <= bound), (key, np.abs(b[key] - a[key]).max())
 
 
-@pytest.mark.parametrize("stage", ["understanding", "joint"])
-def test_freeze_vision_tower_keeps_only_the_vit_out_of_training(stage):
+def _trainable_paths(stage: str, **freeze) -> set[str]:
+    """Paths of the demo model's parameters that ``model.trainable_filter(stage, **freeze)`` trains."""
     from flax import nnx
 
     from blip3o_jax import model as model_lib
@@ -191,10 +191,13 @@ def test_freeze_vision_tower_keeps_only_the_vit_out_of_training(stage):
 
     cfg = demo_config()
     graphdef, abstract = model_lib.abstract_model(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-    module = nnx.merge(graphdef, abstract)
-    paths = lambda freeze: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-        nnx.to_pure_dict(nnx.state(module, model_lib.trainable_filter(stage, freeze))))}
-    everything, frozen_vit = paths(False), paths(True)
+    state = nnx.state(nnx.merge(graphdef, abstract), model_lib.trainable_filter(stage, **freeze))
+    return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))}
+
+
+@pytest.mark.parametrize("stage", ["understanding", "joint"])
+def test_freeze_vision_tower_keeps_only_the_vit_out_of_training(stage):
+    everything, frozen_vit = _trainable_paths(stage), _trainable_paths(stage, freeze_vision_tower=True)
     vit = {p for p in everything if "'visual'" in p}
     assert vit and any("'backbone'" in p and "'visual'" not in p for p in frozen_vit)
     assert frozen_vit == everything - vit
@@ -202,17 +205,7 @@ def test_freeze_vision_tower_keeps_only_the_vit_out_of_training(stage):
 
 @pytest.mark.parametrize("stage", ["generation", "instruction", "joint"])
 def test_freeze_latent_queries_keeps_only_the_queries_out_of_training(stage):
-    from flax import nnx
-
-    from blip3o_jax import model as model_lib
-    from blip3o_jax import sharding
-
-    cfg = demo_config()
-    graphdef, abstract = model_lib.abstract_model(cfg, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-    module = nnx.merge(graphdef, abstract)
-    paths = lambda freeze: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(
-        nnx.to_pure_dict(nnx.state(module, model_lib.trainable_filter(stage, freeze_latent_queries=freeze))))}
-    everything, frozen_queries = paths(False), paths(True)
+    everything, frozen_queries = _trainable_paths(stage), _trainable_paths(stage, freeze_latent_queries=True)
     queries = {p for p in everything if "latent_queries" in p}
     assert len(queries) == 1 and any("'gen_head'" in p for p in frozen_queries)
     assert frozen_queries == everything - queries
