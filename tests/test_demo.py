@@ -59,3 +59,23 @@ def test_smoke_demo_writes_report_and_samples(tmp_path):
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert gen_run.returncode == 0, gen_run.stderr[-3000:]
     assert np.asarray(Image.open(out)).shape == (side, side, 3)
+
+    # A training stage that stops before its end (as after SIGTERM) ends the demo cleanly: no report,
+    # and the background decoder thread is stopped before its first step (nothing saved), not left running.
+    import shutil
+
+    for stage in ("understanding", "generation", "decoder"):
+        shutil.rmtree(workdir / stage)
+    (workdir / "report.json").unlink()
+    driver = ("import sys, threading\n"
+              "from blip3o_jax import demo\n"
+              "from configs import demo as demo_config\n"
+              "report = demo.run(demo_config.get_config('smoke'), sys.argv[1], train_stage=lambda *a, **k: None)\n"
+              "alive = [t.name for t in threading.enumerate() if t.name.startswith('decoder')]\n"
+              "print('REPORT', report, 'ALIVE', alive)\n")
+    stopped = subprocess.run([sys.executable, "-c", driver, str(workdir)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "REPORT None ALIVE []" in stopped.stdout, stopped.stdout[-2000:]
+    assert not (workdir / "report.json").exists()
+    assert not (workdir / "decoder" / "params").exists()
