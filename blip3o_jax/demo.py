@@ -11,7 +11,7 @@ Stages, each in its own folder under WORKDIR and each resumable (a finished stag
   decoder        a tiny pixel-space diffusion decoder (v prediction) learns EVA features -> pixels;
                  it needs only the target encoder, so it trains in a background thread while the
                  understanding and generation stages run (on 2 CPU cores one small-op XLA program
-                 leaves ~30% of them idle: measured 1.44x the throughput of two programs in turn)
+                 leaves part of them idle: measured 1.3x the throughput of the two stages in turn)
   report         held-out prompts -> images scored by pixel statistics; held-out questions ->
                  greedy answers; WORKDIR/report.json and a grid of samples
 """

@@ -304,12 +304,12 @@ def _text_logits(model: "Qwen2_5_VL", inputs_embeds, attention_mask, position_id
     return model.logits(model.hidden_states(inputs_embeds, attention_mask, position_ids))
 
 
-
 @functools.partial(nnx.jit, static_argnums=(2,))
 def _vision_forward(visual, pixel_values, grid: tuple):
     """The vision tower as one compiled program per image grid (``multimodal_inputs`` runs outside jit;
     op by op it cost 0.6 s per call for the demo's 2-layer ViT, most of the demo's understanding eval)."""
     return visual(pixel_values, np.asarray(grid))
+
 
 class Qwen2_5_VL(nnx.Module):
     """Qwen2.5-VL: optional vision tower ``visual``, text decoder ``model``, LM head ``lm_head``.
