@@ -218,18 +218,6 @@ def train_decoder(cfg, workdir: str, model, steps: int, stop: threading.Event | 
     return inference.Decoder(unet, scheduler=sched_cfg, pixel_patch=patch)
 
 
-def _decoder_stage(cfg, workdir: str, target_dir: str, steps: int, stop: threading.Event):
-    """``train_decoder`` on the target encoder saved by the target stage (``run`` calls it in a thread)."""
-    from blip3o_jax import model as model_lib, sharding
-
-    model = None
-    if not _done(workdir):
-        mesh = sharding.make_mesh(cfg.mesh)
-        model = model_lib.build_model(cfg, mesh)
-        model_lib.load_params(model, target_dir, mesh)
-    return train_decoder(cfg, workdir, model, steps, stop=stop, bar_position=1)
-
-
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -309,10 +297,14 @@ def run(cfg, workdir: str, train_stage) -> dict | None:
 
     # The decoder needs only the (frozen from here on) target encoder: it trains in a background thread
     # while the trainer runs understanding and generation. ``stop`` ends it early if they do not finish.
+    # The same model object later takes the generation stage's weights for the report.
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = model_lib.build_model(cfg, mesh)
+    model_lib.load_params(model, target_dir, mesh)
     stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decoder") as pool:
-        decoder_job = pool.submit(_decoder_stage, cfg, os.path.join(workdir, "decoder"), target_dir,
-                                  d.decoder_steps, stop)
+        decoder_job = pool.submit(train_decoder, cfg, os.path.join(workdir, "decoder"), model, d.decoder_steps,
+                                  stop=stop, bar_position=1)
         try:
             previous = target_dir
             for stage, steps in (("understanding", d.understanding_steps), ("generation", d.generation_steps)):
@@ -329,9 +321,7 @@ def run(cfg, workdir: str, train_stage) -> dict | None:
         finally:
             stop.set()  # after a normal finish a no-op; otherwise the decoder thread ends within a step
 
-    mesh = sharding.make_mesh(cfg.mesh)
-    model = model_lib.build_model(cfg, mesh)
-    model_lib.load_params(model, previous, mesh)
+    model_lib.load_params(model, previous, mesh)  # the decoder thread is done with it
 
     # The report goes through the inference pipeline of python -m blip3o_jax.generate / understand.
     pipe = inference.Pipeline(model, tokenizer, cfg, mesh, decoder, negative="zero_image",
