@@ -159,6 +159,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.target_steps = 300
     c.demo.understanding_steps = 600
     c.demo.generation_steps = 1500
+    c.demo.generation_learning_rate = 1e-3  # the generation stage's peak (the others use train.learning_rate)
     c.demo.decoder_steps = 1500
     c.demo.decoder_learning_rate = 1e-3
     c.demo.decoder_pixel_patch = 2  # the pixel-space UNet sees 2x2 pixels per position (space_to_depth)
@@ -306,7 +307,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _require(0.0 <= cfg.flow.cond_dropout < 1.0, "flow.cond_dropout", f"must be in [0, 1), got {cfg.flow.cond_dropout}")
     _require(cfg.flow.shift > 0, "flow.shift", f"must be > 0, got {cfg.flow.shift}")
     _require(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio}")
-    _require(cfg.train.learning_rate > 0, "train.learning_rate", "must be > 0")
+    for key in ("train.learning_rate", "demo.generation_learning_rate", "demo.decoder_learning_rate"):
+        _require(_get(cfg, key) > 0, key, f"must be > 0, got {_get(cfg, key)}")
     _require(cfg.precompute.batch_size >= 0, "precompute.batch_size",
              f"must be >= 0, got {cfg.precompute.batch_size}")
 

@@ -30,10 +30,12 @@ import time
 import numpy as np
 
 
-def _stage_config(cfg, stage: str, steps: int, init_from: str = ""):
+def _stage_config(cfg, stage: str, steps: int, init_from: str = "", learning_rate: float | None = None):
     c = copy.deepcopy(cfg)
     c.train.stage = stage
     c.train.num_steps = steps
+    if learning_rate is not None:
+        c.train.learning_rate = learning_rate
     c.train.init_from = init_from
     c.train.checkpoint_every = max(steps // 4, 1)
     return c
@@ -307,12 +309,14 @@ def run(cfg, workdir: str, train_stage) -> dict | None:
                                   stop=stop, bar_position=1)
         try:
             previous = target_dir
-            for stage, steps in (("understanding", d.understanding_steps), ("generation", d.generation_steps)):
+            for stage, steps, lr in (("understanding", d.understanding_steps, None),
+                                     ("generation", d.generation_steps, d.generation_learning_rate)):
                 stage_dir = os.path.join(workdir, stage)
                 if decoder_job.done():
                     decoder_job.result()  # a failed decoder stage stops the demo here, not after the stages
                 if not _done(stage_dir):
-                    train_stage(_stage_config(cfg, stage, steps, init_from=previous), stage_dir, tokenizer=tokenizer)
+                    train_stage(_stage_config(cfg, stage, steps, init_from=previous, learning_rate=lr), stage_dir,
+                                tokenizer=tokenizer)
                 if not _done(stage_dir):  # preempted: its checkpoint is saved and the same command continues
                     logging.info("demo: stopped during the %s stage; run the same command to continue", stage)
                     return None

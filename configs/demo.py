@@ -64,12 +64,12 @@ def get_config(arg: str | None = None):
     # then runs forward only: 0.074 s per step instead of 0.12 s.
     c.train.freeze_latent_queries = True
     c.data.generation_prompt = "inference"
-    c.demo.update(dict(target_steps=600, understanding_steps=1800, generation_steps=2000))
+    c.demo.update(dict(target_steps=600, understanding_steps=1800, generation_steps=4000, generation_learning_rate=2e-3))
     # The decoder trains in a background thread during understanding + generation (demo.py). Measured,
     # autoencoding 48 held-out pictures (shape accuracy; colour and position >= 0.92 in all): 600 steps at
     # lr 1e-3 0.38, 1500 steps 0.69; 600 steps at lr 3e-3 0.54 (6e-3 diverges). In the report (generated
     # shape): 800 steps 0.44, 900 0.48, 1000 0.54; 900 keeps the demo under 15 minutes (BENCHMARKS.md).
-    c.demo.update(dict(decoder_steps=900, decoder_learning_rate=3e-3))
+    c.demo.update(dict(decoder_steps=1500, decoder_learning_rate=3e-3))
     c.train.num_steps = 2000
     c.train.learning_rate = 1e-3
     c.train.min_learning_rate = 1e-4

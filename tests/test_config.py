@@ -63,6 +63,7 @@ def test_validate_unknown_key_lists_allowed():
         ("sharding.dit", "zero3", r"'sharding\.dit'.*fsdp"),
         ("model.dit.in_channels", 1024, r"'model\.dit\.in_channels'.*eva\.width"),
         ("flow.cond_dropout", 1.5, r"'flow\.cond_dropout'"),
+        ("demo.generation_learning_rate", 0.0, r"'demo\.generation_learning_rate'.*> 0"),
     ],
 )
 def test_bad_values_name_the_key(key, value, pattern):
