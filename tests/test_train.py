@@ -171,15 +171,19 @@ def test_sharded_step_equals_single_device(data, tmp_path):
     for name in ("loss", "grad_norm"):
         np.testing.assert_allclose([r[name] for r in rb], [r[name] for r in ra], rtol=1e-5, err_msg=name)
     # Parameters agree to rtol 2e-5 / atol 2e-6, except where Adam amplifies rounding: its first steps move
-    # an element by about lr * g / |g| whatever |g| is, so an element whose gradient is near zero can move
-    # differently by up to 2 lr per step (seen: 1 of 49k elements, 1.8e-5 at lr 1e-3). Such elements must
-    # be rare (at most 2, or 1e-4 of a large parameter) and within that Adam bound.
+    # an element by about lr * g / |g| whatever |g| is, so an element whose gradient is near zero (large
+    # relative rounding error) can move differently by up to 2 lr per step. Such elements must be rare in
+    # the model as a whole (at most 1e-4 of its elements) and within that Adam bound. They cluster in
+    # arrays whose gradients are all small, e.g. the DiT's key-norm bias, which the softmax almost ignores
+    # (seen: 10 of 742k elements off, 4 of them in its 192, largest difference 4.3e-5 at lr 1e-3).
     a, b = final_params(tmp_path / "single"), final_params(tmp_path / "sharded")
     bound = 2 * single.train.learning_rate * single.train.num_steps
+    n_off, n_total = 0, 0
     for key in a:
         off = ~np.isclose(b[key], a[key], rtol=2e-5, atol=2e-6)
-        assert off.sum() <= max(2, off.size // 10_000), (key, int(off.sum()), off.size)
+        n_off, n_total = n_off + int(off.sum()), n_total + off.size
         assert np.all(np.abs(b[key] - a[key])[off] <= bound), (key, np.abs(b[key] - a[key]).max())
+    assert n_off <= max(2, n_total // 10_000), (n_off, n_total)
 
 
 def _trainable_paths(stage: str, **freeze) -> set[str]:

@@ -5,7 +5,8 @@ large; on the left / right / at the top / bottom) drawn with PIL on a white ``im
 Captions: "a red circle on the left" (two objects: "... and a blue square on the right").
 Question/answer pairs in the ``json`` member: "What color is the shape?" -> "red", "What shape is
 it?" -> "circle", "Where is the shape?" -> "left" (two objects: "What color is the circle?",
-"What shape is on the left?"), plus "Describe the image." -> the caption; half the samples shuffle them.
+"What shape is on the left?"), plus "Describe the image." -> the caption and a text-to-image request
+for another object -> its words in a random order ("left red circle"); half the samples shuffle them.
 The ``json`` also lists the objects with their boxes, for scoring.
 
 Everything is written as REAL webdataset tar shards (``{key}.png``, ``{key}.txt``, ``{key}.json``), so
