@@ -160,7 +160,10 @@ def test_frozen_parts_have_no_optimizer_state_and_do_not_change(data, reference_
 
 
 def test_sharded_step_equals_single_device(data, tmp_path):
-    base = run_overrides(data, **{"train.num_steps": 2, "train.checkpoint_every": 100})
+    # Adam's eps at 1e-6 rather than the recipe's 1e-8: with 1e-8 an element whose gradient is ~1e-8 moves
+    # by about lr whatever its rounding, so the comparison measured Adam, not the sharding (seen: 10 of 742k
+    # elements outside the tolerances below, 4 of them in the DiT key-norm bias; with 1e-6 none).
+    base = run_overrides(data, **{"train.num_steps": 2, "train.checkpoint_every": 100, "train.eps": 1e-6})
     single = demo_config(**base, **{"mesh.data": 1})
     train_lib.train(single, str(tmp_path / "single"), devices=jax.devices()[:1])
     sharded = demo_config(**base, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "sharding.llm": "fsdp",
@@ -171,19 +174,15 @@ def test_sharded_step_equals_single_device(data, tmp_path):
     for name in ("loss", "grad_norm"):
         np.testing.assert_allclose([r[name] for r in rb], [r[name] for r in ra], rtol=1e-5, err_msg=name)
     # Parameters agree to rtol 2e-5 / atol 2e-6, except where Adam amplifies rounding: its first steps move
-    # an element by about lr * g / |g| whatever |g| is, so an element whose gradient is near zero (large
-    # relative rounding error) can move differently by up to 2 lr per step. Such elements must be rare in
-    # the model as a whole (at most 1e-4 of its elements) and within that Adam bound. They cluster in
-    # arrays whose gradients are all small, e.g. the DiT's key-norm bias, which the softmax almost ignores
-    # (seen: 10 of 742k elements off, 4 of them in its 192, largest difference 4.3e-5 at lr 1e-3).
+    # an element by about lr * g / |g| whatever |g| is, so an element whose gradient is near zero can move
+    # differently by up to 2 lr per step (seen: 1 of 49k elements, 1.8e-5 at lr 1e-3). Such elements must
+    # be rare (at most 2, or 1e-4 of a large parameter) and within that Adam bound.
     a, b = final_params(tmp_path / "single"), final_params(tmp_path / "sharded")
     bound = 2 * single.train.learning_rate * single.train.num_steps
-    n_off, n_total = 0, 0
     for key in a:
         off = ~np.isclose(b[key], a[key], rtol=2e-5, atol=2e-6)
-        n_off, n_total = n_off + int(off.sum()), n_total + off.size
+        assert off.sum() <= max(2, off.size // 10_000), (key, int(off.sum()), off.size)
         assert np.all(np.abs(b[key] - a[key])[off] <= bound), (key, np.abs(b[key] - a[key]).max())
-    assert n_off <= max(2, n_total // 10_000), (n_off, n_total)
 
 
 def _trainable_paths(stage: str, **freeze) -> set[str]:
