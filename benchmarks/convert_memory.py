@@ -63,7 +63,7 @@ def write_checkpoint(path: str, preset: str) -> dict:
     from flax import nnx
 
     from blip3o_jax import convert, weights
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
 
     cfg = synthetic_config(preset)
     mcfg = model_lib.Blip3oConfig.from_config(cfg)

@@ -16,8 +16,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from blip3o_jax import scheduler  # noqa: E402
-from blip3o_jax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from blip3o_jax.decoder import scheduler  # noqa: E402
+from blip3o_jax.decoder.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 
 BATCH = 16
 COMMON = dict(layers_per_block=1, cross_attention_dim=64, addition_time_embed_dim=16,

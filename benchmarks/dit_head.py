@@ -5,7 +5,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import tests.torch_shim  # noqa
 import numpy as np, jax, jax.numpy as jnp, optax, torch
 from flax import nnx
-from blip3o_jax import flow
+from blip3o_jax.models import flow
 from blip3o_jax.models.dit import DiT, DiTConfig
 from tests.test_dit import build_reference, reference_velocity
 

@@ -22,7 +22,7 @@ from blip3o_jax.models.dit import DiTConfig
 from blip3o_jax.models.eva_clip import EvaConfig
 from blip3o_jax.models.qwen2_5_vl import QwenTextConfig, QwenVisionConfig
 from blip3o_jax.models.siglip2 import Siglip2Config
-from blip3o_jax.models.unet import UNetConfig
+from blip3o_jax.decoder.unet import UNetConfig
 
 COMPONENT_CONFIGS = {
     "llm": QwenTextConfig,

@@ -26,7 +26,7 @@ into their target shardings (weights.load_component). Tolerated: extra ``model.v
 target encoder (then the model has none, or keeps the one it has: ``load_into``), a missing
 ``lm_head.weight`` when embeddings are tied.
 
-The Orbax form written by the CLI is ``DST/params`` (the parameter state, checkpointing.save_params
+The Orbax form written by the CLI is ``DST/params`` (the parameter state, checkpoints.save_params
 layout, restorable onto any mesh) and ``DST/config.json``: the project's ml_collections config as a
 dict (``configlib.base_config()`` schema). ``load_checkpoint`` rebuilds a model from either form, so
 ``generate --checkpoint`` and ``convert --to torch`` take both. The CLI (``torch_to_orbax``, one host)
@@ -55,7 +55,7 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax import configlib, sharding, weights
-from blip3o_jax import model as model_lib
+from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax.models import dit_mapping, eva_mapping, qwen_mapping
 from blip3o_jax.models.dit import DiTConfig
 from blip3o_jax.models.eva_clip import EvaConfig
@@ -439,7 +439,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any | None = None, mesh: jax
                     *, allow_pickle: bool = False, progress: bool = False) -> model_lib.Blip3o:
     """A ``Blip3o`` from an Orbax checkpoint of this project (``params/`` + ``config.json``) or from a
     PyTorch directory (converted on the fly). ``dtype`` None keeps the stored parameter dtype."""
-    from blip3o_jax import checkpointing
+    from blip3o_jax import checkpoints
 
     mesh = mesh or default_mesh()
     if not is_orbax_checkpoint(path):
@@ -449,7 +449,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: Any | None = None, mesh: jax
     if dtype is not None:
         cfg.model.dtype = cfg.model.param_dtype = jnp.dtype(dtype).name
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
-    return nnx.merge(graphdef, checkpointing.restore_params(path, abstract))
+    return nnx.merge(graphdef, checkpoints.restore_params(path, abstract))
 
 
 def _host_leaf(view, entries, shape, dtype) -> np.ndarray:
@@ -535,13 +535,13 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = 
     try:
         with context:
             for group in groups:
-                # The plain nested dict of checkpointing.save_params, one group of keys per partial save.
+                # The plain nested dict of checkpoints.save_params, one group of keys per partial save.
                 ocp_v1.partial.save(staging, _group_tree(view, group, entries))
                 _release_freed_memory()
     finally:
         view.close()
     ocp_v1.partial.finalize(staging)
-    # The finalized partial checkpoint holds the pytree under 'state/', the layout checkpointing.py reads.
+    # The finalized partial checkpoint holds the pytree under 'state/', the layout checkpoints.py reads.
     os.replace(os.path.join(staging, "state"), os.path.join(dst, "params"))
     shutil.rmtree(staging)
     if jax.process_index() == 0:

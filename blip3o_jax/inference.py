@@ -48,9 +48,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blip3o_jax import chat, checkpointing, configlib, decode, scheduler as sched_lib, sharding
-from blip3o_jax.models.unet import UNet2DConditionModel, UNetConfig
-from blip3o_jax.models.vae import AutoencoderKL, VAEConfig
+from blip3o_jax import configlib, decode, sharding
+from blip3o_jax.data import chat
+from blip3o_jax import checkpoints
+from blip3o_jax.decoder import scheduler as sched_lib
+from blip3o_jax.decoder.unet import UNet2DConditionModel, UNetConfig
+from blip3o_jax.decoder.vae import AutoencoderKL, VAEConfig
 
 IMAGE_TAG = "<image>"
 EDIT_PROMPT = IMAGE_TAG + "\nPlease reconstruct the given image."  # the I2I training prompt (reference 3.3a)
@@ -117,7 +120,7 @@ def save_decoder(decoder: Decoder, path: str) -> None:
     config = {"unet": dataclasses.asdict(decoder.unet.cfg),
               "vae": dataclasses.asdict(decoder.vae.cfg) if decoder.vae is not None else None,
               "scheduler": dataclasses.asdict(decoder.scheduler), "pixel_patch": decoder.pixel_patch}
-    checkpointing.save_params(path, params, config)
+    checkpoints.save_params(path, params, config)
 
 
 def load_orbax_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = None) -> Decoder:
@@ -132,7 +135,7 @@ def load_orbax_decoder(path: str, mesh, rule_table: str = "replicated", dtype: A
     if config.get("vae"):
         vcfg = _dataclass(VAEConfig, config["vae"])
         vae_def, target["vae"] = _abstract(lambda: AutoencoderKL(vcfg, rngs=nnx.Rngs(0), **kw), mesh, rule_table)
-    restored = checkpointing.restore_params(path, {k: nnx.to_pure_dict(v) for k, v in target.items()})
+    restored = checkpoints.restore_params(path, {k: nnx.to_pure_dict(v) for k, v in target.items()})
     for name, state in target.items():
         nnx.replace_by_pure_dict(state, restored[name])
     return Decoder(nnx.merge(unet_def, target["unet"]),
@@ -144,7 +147,7 @@ def load_orbax_decoder(path: str, mesh, rule_table: str = "replicated", dtype: A
 def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = None) -> Decoder:
     """A decoder folder in diffusers layout (``unet/``, ``vae/``, ``scheduler/``) or its Orbax form."""
     if os.path.exists(os.path.join(path, "unet", "config.json")):
-        from blip3o_jax.models import decoder_mapping
+        from blip3o_jax.decoder import mapping as decoder_mapping
 
         kw = {} if dtype is None else dict(dtype=dtype, param_dtype=dtype)
         unet, vae, sched = decoder_mapping.load_decoder(path, mesh, rule_table, **kw)
@@ -160,7 +163,7 @@ def _load_demo_decoder(cfg, path: str, mesh) -> Decoder:
     ``cfg.demo.decoder_pixel_patch``, prediction type ``cfg.demo.decoder_prediction_type``)."""
     ucfg = configlib.component(cfg, "decoder")
     graphdef, abstract = _abstract(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(0)), mesh, cfg.sharding.target)
-    return Decoder(nnx.merge(graphdef, checkpointing.restore_params(path, abstract)),
+    return Decoder(nnx.merge(graphdef, checkpoints.restore_params(path, abstract)),
                    scheduler=demo_decoder_scheduler(cfg), pixel_patch=cfg.demo.decoder_pixel_patch)
 
 
@@ -193,7 +196,7 @@ def is_demo_workdir(path: str) -> bool:
 
 def _image_processor_limits(path: str) -> dict:
     """min/max pixels of the checkpoint's preprocessor_config.json (else the Qwen2.5-VL defaults)."""
-    from blip3o_jax import qwen_image_processor as qip
+    from blip3o_jax.data import qwen_image_processor as qip
 
     limits = dict(min_pixels=qip.RELEASED_MIN_PIXELS, max_pixels=qip.RELEASED_MAX_PIXELS)
     file = os.path.join(path, "preprocessor_config.json")
@@ -222,7 +225,7 @@ class Pipeline:
     def __init__(self, model, tokenizer, cfg, mesh, decoder: Decoder | None = None, *,
                  negative: str = "empty_prompt", min_pixels: int | None = None, max_pixels: int | None = None,
                  und_image_size: int | None = None, edit_image_size: int = EDIT_IMAGE_SIZE, negative_seed: int = 0):
-        from blip3o_jax import qwen_image_processor as qip
+        from blip3o_jax.data import qwen_image_processor as qip
 
         if negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
@@ -313,7 +316,7 @@ class Pipeline:
 
     def image_prompt(self, text: str, image) -> tuple[str, np.ndarray, np.ndarray]:
         """3.3a: (chat prompt with the image placeholder, pixel_values, image_grid_thw) for one image."""
-        from blip3o_jax.preprocess import ImagePreprocessor
+        from blip3o_jax.data.preprocess import ImagePreprocessor
 
         side = self.edit_image_size
         square = ImagePreprocessor(side, mode="squash").geometry(image)
@@ -442,7 +445,7 @@ class Pipeline:
 
     def target_features(self, images: Sequence) -> np.ndarray:
         """Target-encoder features (B, N, C) of images (PIL or uint8 arrays), encoder preprocessing."""
-        from blip3o_jax import preprocess
+        from blip3o_jax.data import preprocess
 
         if self.model.target_encoder is None:
             raise CheckpointError("this checkpoint has no target encoder (autoencoding needs model.gen_vision_tower)")
@@ -465,7 +468,7 @@ class Pipeline:
         """Generated token ids for one image and question, up to (not including) the first stop token."""
         if self.model.backbone.visual is None:
             raise CheckpointError("this checkpoint has no Qwen vision tower; understanding needs one")
-        from blip3o_jax import preprocess
+        from blip3o_jax.data import preprocess
 
         if self.und_image_size:
             image = preprocess.ImagePreprocessor(self.und_image_size).geometry(image)

@@ -116,7 +116,7 @@ def abstract_parameters(cfg):
     """(abstract Blip3o module, {parameter path: PartitionSpec}) without allocating anything."""
     from flax import nnx
 
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
     from blip3o_jax import sharding
 
     mcfg = model_lib.Blip3oConfig.from_config(cfg)
@@ -191,8 +191,8 @@ def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=No
     """Counts per component and per-device bytes of parameters, gradients and AdamW state."""
     from flax import nnx
 
-    from blip3o_jax import model as model_lib
-    from blip3o_jax.nn import dtype_of
+    from blip3o_jax.models import blip3o as model_lib
+    from blip3o_jax.models.layers import dtype_of
 
     if module is None:
         module, specs = abstract_parameters(cfg)
@@ -265,7 +265,7 @@ def _dit_ffn(d) -> int:
 
 
 def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) -> float:
-    from blip3o_jax.nn import dtype_of
+    from blip3o_jax.models.layers import dtype_of
 
     m, t = cfg.model, mesh["tensor"]
     act = np.dtype(dtype_of(m.dtype)).itemsize
@@ -307,8 +307,8 @@ def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) 
 
 def make_plan(cfg, mesh: dict[str, int], device: str, *, stage: str | None = None, mfu: float = 0.4,
               config_name: str = "", module=None, specs=None, step_flops: float | None = None) -> Plan:
-    from blip3o_jax import model as model_lib
-    from blip3o_jax.nn import dtype_of
+    from blip3o_jax.models import blip3o as model_lib
+    from blip3o_jax.models.layers import dtype_of
 
     stage = stage or (cfg.train.stage if cfg.train.stage not in ("pipeline", "decoder") else "generation")
     kind, peak, hbm, _ = device_spec(device)
@@ -381,7 +381,7 @@ def compile_train_step(cfg, stage: str, mesh) -> dict:
     import optax
     from flax import nnx
 
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
     from blip3o_jax import optim
 
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)

@@ -98,7 +98,7 @@ class PrecomputeTransform:
     prompt: str = "training"  # config.data.generation_prompt
 
     def __post_init__(self):
-        from blip3o_jax import preprocess
+        from blip3o_jax.data import preprocess
 
         self.preprocessor = preprocess.for_encoder(self.target_encoder, self.image_size)
 
@@ -282,7 +282,7 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
     import jax
     from flax import nnx
 
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
     from blip3o_jax import sharding
     from blip3o_jax.data import pipeline
 

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     workdir = os.path.abspath(FLAGS.workdir)
     os.makedirs(workdir, exist_ok=True)
     if cfg.train.stage == "pipeline":
-        from blip3o_jax import demo
+        from blip3o_jax.demo import stages as demo
 
         demo.run(cfg, workdir, train_stage=train)  # passed in: this module may be __main__
     else:
@@ -68,8 +68,9 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     import optax
     from flax import nnx
 
-    from blip3o_jax import checkpointing, flops, metrics, optim, sharding
-    from blip3o_jax import model as model_lib
+    from blip3o_jax import flops, metrics, optim, sharding
+    from blip3o_jax import checkpoints
+    from blip3o_jax.models import blip3o as model_lib
     from blip3o_jax.data import pipeline
 
     stage = cfg.train.stage
@@ -157,7 +158,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
     # ---- Resume ---------------------------------------------------------------------------------
-    ckpt = checkpointing.RunCheckpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
+    ckpt = checkpoints.RunCheckpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -170,7 +171,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     # ---- Loop -----------------------------------------------------------------------------------
     flops_per_step = model_lib.step_flops(cfg, stage, n_trainable, precomputed)
     writer = metrics.MetricsWriter(workdir, num_steps, initial_step=step)
-    preemption = checkpointing.PreemptionWatcher()
+    preemption = checkpoints.PreemptionWatcher()
     timer, last = metrics.StepTimer(), {}
     last_logged = step
     stop = num_steps if max_steps is None else min(num_steps, max_steps)
@@ -212,7 +213,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
                 break
     ckpt.close()
     if step == num_steps:  # the whole model (trained + frozen parts) for the next stage or for inference
-        checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(nnx.merge(graphdef, state["params"], frozen)),
+        checkpoints.save_params(os.path.join(workdir, "params"), nnx.state(nnx.merge(graphdef, state["params"], frozen)),
                                   config_json)
     writer.close()
     batches.close()

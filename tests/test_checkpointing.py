@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from blip3o_jax import checkpointing, flops, sharding
-from blip3o_jax import model as model_lib
+from blip3o_jax import flops, sharding
+from blip3o_jax import checkpoints
+from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax import train as train_lib
 from blip3o_jax.data import synthetic
 from blip3o_jax.weights import CheckpointMismatchError
@@ -57,7 +58,7 @@ def saved(tmp_path_factory):
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     model = random_model(cfg, mesh)
     path = str(tmp_path_factory.mktemp("ckpt") / "with_eva")
-    checkpointing.save_params(path, nnx.state(model))
+    checkpoints.save_params(path, nnx.state(model))
     return {"path": path, "params": nnx.to_pure_dict(nnx.state(model)), "mesh": mesh, "model": model}
 
 
@@ -79,9 +80,9 @@ def test_missing_or_misshaped_keys_are_named(saved, tmp_path):
     broken = dict(saved["params"])
     del broken["target_encoder"]  # a checkpoint written by a model without the encoder
     broken["latent_queries"] = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape, x.dtype), broken["latent_queries"])
-    checkpointing.save_params(str(tmp_path), broken)
+    checkpoints.save_params(str(tmp_path), broken)
     with pytest.raises(CheckpointMismatchError) as err:
-        checkpointing.restore_params(str(tmp_path), jax.tree.map(
+        checkpoints.restore_params(str(tmp_path), jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(saved["model"])))
     missing = [k for k, _ in err.value.missing]
     assert missing and all(k.startswith("target_encoder/") for k in missing)

@@ -222,7 +222,7 @@ def test_cli_round_trip_torch_orbax_torch(released, model, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
 
     model_lib.load_params(model, str(tmp_path / "orbax"))  # training init_from reads the same files
 
@@ -289,7 +289,7 @@ def test_pickle_refused_unless_allowed(released, tmp_path):
 
 
 def _component_counts(get_config) -> dict[str, int]:
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
 
     mcfg = model_lib.Blip3oConfig.from_config(get_config())
     with nnx.use_eager_sharding(False):

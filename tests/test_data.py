@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip3o_jax import chat, preprocess
+from blip3o_jax.data import chat
+from blip3o_jax.data import preprocess
 from blip3o_jax.data import pipeline, samples, sources, synthetic
 from blip3o_jax.data.sources import DataError
 
@@ -314,7 +315,7 @@ def test_generation_prompt_matches_chat_module():
 
 
 def test_understanding_layout_and_pad_count(qwen_tok):
-    from blip3o_jax.qwen_image_processor import QwenImageProcessor
+    from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
 
     rec = sources.make_record("k", image=_png(1, size=90), meta={"qa": [
         {"question": "What color?", "answer": "red"}, {"question": "Shape?", "answer": "circle"}]})

@@ -22,10 +22,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from blip3o_jax import scheduler as sched
+from blip3o_jax.decoder import scheduler as sched
 from blip3o_jax import sharding, weights
-from blip3o_jax.models import decoder_mapping as dm
-from blip3o_jax.models.unet import UNet2DConditionModel, UNetConfig
+from blip3o_jax.decoder import mapping as dm
+from blip3o_jax.decoder.unet import UNet2DConditionModel, UNetConfig
 
 torch = pytest.importorskip("torch")
 
@@ -258,7 +258,7 @@ def test_released_layout_matches_diffusers():
 
     from diffusers import AutoencoderKL, UNet2DConditionModel as TorchUNet
 
-    from blip3o_jax.models.vae import VAEConfig
+    from blip3o_jax.decoder.vae import VAEConfig
 
     with torch.device("meta"):
         ref_unet = TorchUNet(addition_embed_type="text_time", **dataclasses.asdict(UNetConfig()))

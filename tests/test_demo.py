@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from blip3o_jax import scheduler
+from blip3o_jax.decoder import scheduler
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_smoke_demo_writes_report_and_samples(tmp_path):
         shutil.rmtree(workdir / stage)
     (workdir / "report.json").unlink()
     driver = ("import sys, threading\n"
-              "from blip3o_jax import demo\n"
+              "from blip3o_jax.demo import stages as demo\n"
               "from configs import demo as demo_config\n"
               "report = demo.run(demo_config.get_config('smoke'), sys.argv[1], train_stage=lambda *a, **k: None)\n"
               "alive = [t.name for t in threading.enumerate() if t.name.startswith('decoder')]\n"

@@ -3,7 +3,7 @@ blurred, JPEG-compressed, noisy and downscaled to the demo decoder's 32 px (it j
 
 import numpy as np
 
-from blip3o_jax import demo_scoring
+from blip3o_jax.demo import scoring as demo_scoring
 from blip3o_jax.data import synthetic
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from blip3o_jax import flow
+from blip3o_jax.models import flow
 from tests.test_dit import TINY, build_reference, reference_state_dict, save_and_load
 
 torch = pytest.importorskip("torch")

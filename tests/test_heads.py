@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from blip3o_jax import configlib
-from blip3o_jax.flow import FlowConfig
+from blip3o_jax.models.flow import FlowConfig
 from blip3o_jax.models import heads
 from blip3o_jax.models.dit import DiTConfig
 

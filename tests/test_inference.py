@@ -22,8 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from blip3o_jax import convert, eval as eval_lib, flow, generate, inference, understand
-from blip3o_jax import scheduler as sched
+from blip3o_jax import convert, eval as eval_lib, generate, inference, understand
+from blip3o_jax.models import flow
+from blip3o_jax.decoder import scheduler as sched
 from tests.test_convert import GEN_START, N_QUERY, released  # noqa: F401  (module-scoped fixture)
 from tests.test_decoder import EULER, _perturb
 from tests.test_qwen_text import EOS, IMAGE, PAD, V_END, V_START, VIDEO
@@ -227,7 +228,7 @@ def test_inference_form_training_sequence_gives_the_inference_condition(pipe):
     sample's slots) equal Pipeline/model.condition on the same caption; the reference form does not."""
     import jax
 
-    from blip3o_jax import chat
+    from blip3o_jax.data import chat
     from blip3o_jax.data import samples
 
     ids = samples.SpecialIds.from_config(pipe.cfg.model)

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from blip3o_jax import model as model_lib
+from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax import optim, plan, sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from blip3o_jax import model as model_lib
+from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax import precompute as precompute_lib
 from blip3o_jax import sharding
 from blip3o_jax.data import pipeline, samples, sources, synthetic

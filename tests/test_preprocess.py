@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from blip3o_jax import preprocess
+from blip3o_jax.data import preprocess
 
 SIZE = 32
 

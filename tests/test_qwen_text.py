@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 from safetensors.torch import save_file
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from blip3o_jax import chat, decode, sharding, weights
+from blip3o_jax import decode, sharding, weights
+from blip3o_jax.data import chat
 from blip3o_jax.models import qwen_mapping
 from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL, QwenTextConfig, QwenVisionConfig
 

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from blip3o_jax import nn as bnn
+from blip3o_jax.models import layers as bnn
 from blip3o_jax import sharding
 
 

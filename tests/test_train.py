@@ -132,7 +132,7 @@ def test_sigterm_then_sigkill_then_resume_is_exact(data, reference_run, tmp_path
 
 
 def test_frozen_parts_have_no_optimizer_state_and_do_not_change(data, reference_run):
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
     from blip3o_jax import sharding
 
     ckpt_dir = reference_run / "checkpoints" / str(NUM_STEPS) / "state"
@@ -189,7 +189,7 @@ def _trainable_paths(stage: str, **freeze) -> set[str]:
     """Paths of the demo model's parameters that ``model.trainable_filter(stage, **freeze)`` trains."""
     from flax import nnx
 
-    from blip3o_jax import model as model_lib
+    from blip3o_jax.models import blip3o as model_lib
     from blip3o_jax import sharding
 
     cfg = demo_config()

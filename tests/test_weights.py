@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from blip3o_jax import nn as bnn
+from blip3o_jax.models import layers as bnn
 from blip3o_jax import sharding, weights
 
 

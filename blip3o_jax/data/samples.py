@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from blip3o_jax import chat
+from blip3o_jax.data import chat
 
 IGNORE_INDEX = -100
 
@@ -178,7 +178,7 @@ def conversation_from_meta(meta: dict, caption: str | None, caption_question: st
 
 def decode_image(image: Any) -> Image.Image:
     """Encoded bytes or an (H, W, 3) uint8 array -> RGB PIL image; raises on anything undecodable."""
-    from blip3o_jax.qwen_image_processor import to_rgb
+    from blip3o_jax.data.qwen_image_processor import to_rgb
 
     if isinstance(image, np.ndarray):
         return to_rgb(image)
@@ -220,7 +220,7 @@ class GenerationTransform:
     prompt: str = "training"  # config.data.generation_prompt (see generation_tokens)
 
     def __post_init__(self):
-        from blip3o_jax import preprocess
+        from blip3o_jax.data import preprocess
 
         # No encoder (target_encoder "none") is fine as long as every record is precomputed.
         self.preprocessor = (preprocess.for_encoder(self.target_encoder, self.image_size)
@@ -274,13 +274,13 @@ class UnderstandingTransform:
     ids: SpecialIds = SpecialIds()
 
     def __post_init__(self):
-        from blip3o_jax.preprocess import ImagePreprocessor
-        from blip3o_jax.qwen_image_processor import QwenImageProcessor
+        from blip3o_jax.data.preprocess import ImagePreprocessor
+        from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
 
         self.geometry = ImagePreprocessor(self.image_size).geometry  # resize + center crop, still uint8
         self.processor = QwenImageProcessor(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         if self.max_patches is None:
-            from blip3o_jax.qwen_image_processor import smart_resize
+            from blip3o_jax.data.qwen_image_processor import smart_resize
 
             factor = self.processor.patch_size * self.processor.merge_size
             h, w = smart_resize(self.image_size, self.image_size, factor, self.min_pixels, self.max_pixels)

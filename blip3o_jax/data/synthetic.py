@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from blip3o_jax import chat
+from blip3o_jax.data import chat
 from blip3o_jax.data.sources import write_tar_shard
 
 SHAPES = ("circle", "square", "triangle")
@@ -171,7 +171,7 @@ def write_synthetic_shards(out_dir: str, *, num_samples: int = 2048, image_size:
 
 def demo_corpus() -> list[str]:
     """Every caption, question and answer the demo can produce, plus the prompt templates."""
-    from blip3o_jax import chat
+    from blip3o_jax.data import chat
 
     single = [[{"shape": s, "color": c, "position": p}] for s in SHAPES for c in COLORS for p in POSITIONS]
     texts = [caption_of(o) for o in single]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blip3o_jax import nn
+from blip3o_jax.models import layers as nn
 from blip3o_jax.sharding import constrain
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blip3o_jax import nn
+from blip3o_jax.models import layers as nn
 
 
 @dataclasses.dataclass(frozen=True)

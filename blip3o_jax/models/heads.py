@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blip3o_jax import flow
-from blip3o_jax.flow import FlowConfig
+from blip3o_jax.models import flow
+from blip3o_jax.models.flow import FlowConfig
 from blip3o_jax.models.dit import MLP2, DiT, DiTConfig
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blip3o_jax import nn
+from blip3o_jax.models import layers as nn
 from blip3o_jax.models.qwen2_5_vl import QwenVisionConfig
 from blip3o_jax.weights import Rule
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blip3o_jax import nn
+from blip3o_jax.models import layers as nn
 
 
 @dataclasses.dataclass(frozen=True)

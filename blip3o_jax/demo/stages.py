@@ -69,9 +69,12 @@ def train_target_encoder(cfg, workdir: str, steps: int) -> None:
     import optax
     from flax import nnx
 
-    from blip3o_jax import checkpointing, model as model_lib, preprocess, sharding
+    from blip3o_jax import sharding
+    from blip3o_jax import checkpoints
+    from blip3o_jax.models import blip3o as model_lib
+    from blip3o_jax.data import preprocess
     from blip3o_jax.data import synthetic
-    from blip3o_jax.qwen_image_processor import QwenImageProcessor
+    from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
 
     if _done(workdir):
         return
@@ -140,7 +143,7 @@ def train_target_encoder(cfg, workdir: str, steps: int) -> None:
     encoder, visual, _ = nnx.merge(graphdef, params)
     nnx.update(model.target_encoder, nnx.state(encoder, nnx.Param))
     nnx.update(model.backbone.visual, nnx.state(visual, nnx.Param))
-    checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(model), cfg.to_dict())
+    checkpoints.save_params(os.path.join(workdir, "params"), nnx.state(model), cfg.to_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,9 +169,12 @@ def train_decoder(cfg, workdir: str, model, steps: int, stop: threading.Event | 
     import optax
     from flax import nnx
 
-    from blip3o_jax import checkpointing, configlib, inference, preprocess, scheduler, sharding
+    from blip3o_jax import configlib, inference, sharding
+    from blip3o_jax import checkpoints
+    from blip3o_jax.data import preprocess
+    from blip3o_jax.decoder import scheduler
     from blip3o_jax.data import synthetic
-    from blip3o_jax.models.unet import UNet2DConditionModel
+    from blip3o_jax.decoder.unet import UNet2DConditionModel
 
     ucfg = configlib.component(cfg, "decoder")
     patch = cfg.demo.decoder_pixel_patch
@@ -216,7 +222,7 @@ def train_decoder(cfg, workdir: str, model, steps: int, stop: threading.Event | 
             if (i + 1) % max(steps // 5, 1) == 0:
                 logging.info("decoder step %d/%d: loss %.4f", i + 1, steps, float(loss))
     nnx.update(unet, params)
-    checkpointing.save_params(os.path.join(workdir, "params"), nnx.state(unet))
+    checkpoints.save_params(os.path.join(workdir, "params"), nnx.state(unet))
     return inference.Decoder(unet, scheduler=sched_cfg, pixel_patch=patch)
 
 
@@ -245,7 +251,7 @@ def generation_accuracy(pipe, n: int, seed: int):
     plus a grid of the samples."""
     from PIL import Image
 
-    from blip3o_jax import demo_scoring
+    from blip3o_jax.demo import scoring as demo_scoring
     from blip3o_jax.data import synthetic
 
     rng = np.random.default_rng(seed)
@@ -284,7 +290,8 @@ def _use_compilation_cache(workdir: str) -> None:
 def run(cfg, workdir: str, train_stage) -> dict | None:
     """``train_stage`` is ``blip3o_jax.train.train`` (one stage of the trainer). Returns the report, or None
     if a training stage was preempted (SIGTERM: its checkpoint is saved; the same command continues)."""
-    from blip3o_jax import inference, model as model_lib, sharding
+    from blip3o_jax import inference, sharding
+    from blip3o_jax.models import blip3o as model_lib
     from blip3o_jax.data import pipeline
 
     start = time.time()

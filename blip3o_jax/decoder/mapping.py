@@ -28,9 +28,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip3o_jax import sharding, weights
-from blip3o_jax.models.unet import UNet2DConditionModel, UNetConfig
-from blip3o_jax.models.vae import AutoencoderKL, VAEConfig
-from blip3o_jax.scheduler import SchedulerConfig, check_scheduler_config
+from blip3o_jax.decoder.unet import UNet2DConditionModel, UNetConfig
+from blip3o_jax.decoder.vae import AutoencoderKL, VAEConfig
+from blip3o_jax.decoder.scheduler import SchedulerConfig, check_scheduler_config
 from blip3o_jax.weights import Rule
 
 WEIGHTS_NAME = "diffusion_pytorch_model"

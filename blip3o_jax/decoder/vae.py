@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from blip3o_jax.models.unet import OUT_CONV_NAMES, Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
+from blip3o_jax.decoder.unet import OUT_CONV_NAMES, Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
 
 
 @dataclasses.dataclass(frozen=True)

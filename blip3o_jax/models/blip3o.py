@@ -17,8 +17,8 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax import configlib, flops, sharding
-from blip3o_jax.flow import FlowConfig
-from blip3o_jax import nn as bnn
+from blip3o_jax.models.flow import FlowConfig
+from blip3o_jax.models import layers as bnn
 from blip3o_jax.models import heads as heads_lib
 from blip3o_jax.models.eva_clip import EvaVisionTransformer
 from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL
@@ -329,14 +329,14 @@ def load_params(model: Blip3o, path: str, mesh=None) -> None:
     released layout. Arrays land in the shardings the model already has."""
     import os
 
-    from blip3o_jax import checkpointing
+    from blip3o_jax import checkpoints
 
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "params", "params")):  # a finished stage's WORKDIR
         path = os.path.join(path, "params")
     if os.path.isdir(os.path.join(path, "params")):
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
-        nnx.update(model, checkpointing.restore_params(path, abstract))
+        nnx.update(model, checkpoints.restore_params(path, abstract))
         return
     from blip3o_jax import convert
 
