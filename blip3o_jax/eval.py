@@ -19,11 +19,15 @@ Both are plain functions of an ``inference.Pipeline`` (``geneval``, ``vqa_accura
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
+
+from absl import app, flags
+
+from blip3o_jax import cli
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -85,45 +89,42 @@ def vqa_accuracy(pipe, items: Iterable[dict], *, max_new_tokens: int = 16, base_
     return {"accuracy": correct / n if n else 0.0, "n": n, "predictions": predictions}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m blip3o_jax.eval", description="BLIP3-o evaluation")
-    sub = p.add_subparsers(dest="task", required=True)
-    for name in ("geneval", "vqa"):
-        s = sub.add_parser(name)
-        s.add_argument("--checkpoint", required=True, help="Orbax checkpoint, PyTorch directory or demo workdir")
-        s.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the checkpoint's)")
-        s.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-        s.add_argument("--devices", type=int, default=None)
-    g = sub.choices["geneval"]
-    g.add_argument("--prompts", required=True, help="GenEval evaluation_metadata.jsonl")
-    g.add_argument("--out", required=True)
-    g.add_argument("--n-samples", type=int, default=4)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=3.0)
-    g.add_argument("--decoder-steps", type=int, default=50)
-    g.add_argument("--decoder-guidance", type=float, default=3.0)
-    g.add_argument("--size", type=int, default=None)
-    g.add_argument("--decoder", help="decoder folder overriding the checkpoint's")
-    g.add_argument("--negative", choices=("empty_prompt", "zero_image"), default=None)
-    g.add_argument("--start", type=int, default=0)
-    g.add_argument("--end", type=int, default=None)
-    v = sub.choices["vqa"]
-    v.add_argument("--data", required=True, help="jsonl: image, question, answer")
-    v.add_argument("--max-new-tokens", type=int, default=16)
-    v.add_argument("--predictions-out", help="write every prediction as jsonl")
-    return p
+def define_geneval_flags(fv: flags.FlagValues) -> None:
+    cli.define_checkpoint_flags(fv, decoder=True)
+    flags.DEFINE_string("prompts", None, "GenEval evaluation_metadata.jsonl", required=True, flag_values=fv)
+    flags.DEFINE_string("out", None, "output folder (OUT/00000/samples/0000.png, ...)", required=True, flag_values=fv)
+    flags.DEFINE_integer("n-samples", 4, "images per prompt", flag_values=fv)
+    cli.define_generation_flags(fv)
+    flags.DEFINE_integer("start", 0, "first prompt index", flag_values=fv)
+    flags.DEFINE_integer("end", None, "prompt index to stop before (default: all)", flag_values=fv)
+
+
+def define_vqa_flags(fv: flags.FlagValues) -> None:
+    cli.define_checkpoint_flags(fv)
+    flags.DEFINE_string("data", None, "jsonl: image, question, answer", required=True, flag_values=fv)
+    flags.DEFINE_integer("max-new-tokens", 16, "answer length limit in tokens", flag_values=fv)
+    flags.DEFINE_string("predictions-out", None, "write every prediction as jsonl", flag_values=fv)
+
+
+TASKS = {"geneval": define_geneval_flags, "vqa": define_vqa_flags}
 
 
 def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
+    """``argv``: the task (geneval or vqa) first, then its flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task = argv[0] if argv else None
+    if task not in TASKS:
+        if task in cli.HELP_ARGS:
+            print(f"{__doc__.strip()}\n\nPass geneval --help or vqa --help for the flags.")
+            raise SystemExit(0)
+        raise app.UsageError(f"the first argument is the task, one of {sorted(TASKS)}; got {task!r}")
+    args = cli.parse(argv[1:], TASKS[task], __doc__)
     from blip3o_jax import inference
 
     start = time.time()
-    common = dict(tokenizer=args.tokenizer, dtype=args.dtype, mesh=inference.inference_mesh(args.devices))
-    if args.task == "geneval":
-        pipe = inference.Pipeline.from_checkpoint(args.checkpoint, decoder=args.decoder, negative=args.negative,
-                                                  **common)
+    common = dict(mesh=inference.inference_mesh(args.devices), **cli.checkpoint_kwargs(args))
+    if task == "geneval":
+        pipe = inference.Pipeline.from_checkpoint(args.checkpoint, **common)
         pipe.require_decoder()
         metadata = read_jsonl(args.prompts)
         folders = geneval(pipe, metadata, args.out, n_samples=args.n_samples, seed=args.seed, num_steps=args.steps,
@@ -144,5 +145,10 @@ def main(argv=None) -> dict:
     return result
 
 
+def run() -> None:
+    """``python -m blip3o_jax.eval`` and the ``blip3o-eval`` console script."""
+    cli.run(main, own_flags=True)
+
+
 if __name__ == "__main__":
-    main()
+    run()

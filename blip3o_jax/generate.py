@@ -17,12 +17,14 @@ marks where it goes, default prompt "<image>\\nPlease reconstruct the given imag
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
+from absl import flags
+
+from blip3o_jax import cli
 
 
 def output_paths(out: str, n: int) -> list[str]:
@@ -32,36 +34,24 @@ def output_paths(out: str, n: int) -> list[str]:
     return [f"{stem}_{i:03d}{ext or '.png'}" for i in range(n)]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m blip3o_jax.generate", description="BLIP3-o text/image -> image")
-    p.add_argument("--checkpoint", required=True, help="Orbax checkpoint, PyTorch directory or demo workdir")
-    p.add_argument("--prompt", action="append", default=[], help="caption (repeat for several prompts)")
-    p.add_argument("--prompts-file", help="one caption per line (added after --prompt)")
-    p.add_argument("--out", help="output PNG (FILE_000.png, ... when several images)")
-    p.add_argument("--features-out", help="also save the generated target features (B, N, C) as .npy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=30, help="DiT Euler steps")
-    p.add_argument("--guidance", type=float, default=3.0, help="DiT classifier-free guidance")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--batch-size", type=int, default=None, help="images per compiled call (default: all)")
-    p.add_argument("--decoder-steps", type=int, default=50)
-    p.add_argument("--decoder-guidance", type=float, default=3.0)
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the decoder's native)")
-    p.add_argument("--decoder", help="decoder folder (diffusers diffusion-decoder/ or converted) overriding the one found")
-    p.add_argument("--negative", choices=("empty_prompt", "zero_image"), default=None,
-                   help="decoder negative features (default: zero_image for demo workdirs, else empty_prompt)")
-    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--image", action="append", default=[], help="input image (image-conditioned generation)")
-    p.add_argument("--autoencode", action="store_true", help="with --image: target encoder -> decoder, no LLM")
-    p.add_argument("--edit-image-size", type=int, default=448,
-                   help="with --image: side the input image is squashed to before the Qwen ViT (reference: 448)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="parameter/compute dtype")
-    p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
-    return p
+def define_flags(fv: flags.FlagValues) -> None:
+    cli.define_checkpoint_flags(fv, decoder=True)
+    cli.define_generation_flags(fv)
+    flags.DEFINE_multi_string("prompt", [], "caption (repeat for several prompts)", flag_values=fv)
+    flags.DEFINE_string("prompts-file", None, "one caption per line (added after --prompt)", flag_values=fv)
+    flags.DEFINE_string("out", None, "output PNG (FILE_000.png, ... when several images)", flag_values=fv)
+    flags.DEFINE_string("features-out", None, "also save the generated target features (B, N, C) as .npy",
+                        flag_values=fv)
+    flags.DEFINE_integer("num-images", 1, "images per prompt", flag_values=fv)
+    flags.DEFINE_integer("batch-size", None, "images per compiled call (default: all)", flag_values=fv)
+    flags.DEFINE_multi_string("image", [], "input image (image-conditioned generation; repeatable)", flag_values=fv)
+    flags.DEFINE_bool("autoencode", False, "with --image: target encoder -> decoder, no LLM", flag_values=fv)
+    flags.DEFINE_integer("edit-image-size", 448, "with --image: side the input image is squashed to before the "
+                         "Qwen ViT (reference: 448)", flag_values=fv)
 
 
 def main(argv=None) -> list[str]:
-    args = build_parser().parse_args(argv)
+    args = cli.parse(argv, define_flags, __doc__)
     from blip3o_jax import inference
 
     prompts = list(args.prompt)
@@ -84,9 +74,8 @@ def main(argv=None) -> list[str]:
 
     start = time.time()
     pipe = inference.Pipeline.from_checkpoint(
-        args.checkpoint, tokenizer=args.tokenizer, decoder=args.decoder, dtype=args.dtype,
-        mesh=inference.inference_mesh(args.devices), negative=args.negative, load_decoder_weights=bool(args.out),
-        edit_image_size=args.edit_image_size)
+        args.checkpoint, mesh=inference.inference_mesh(args.devices), **cli.checkpoint_kwargs(args),
+        load_decoder_weights=bool(args.out), edit_image_size=args.edit_image_size)
     if args.out:
         pipe.require_decoder()
     images = [inference.open_image(p) for p in args.image] or None
@@ -115,5 +104,10 @@ def main(argv=None) -> list[str]:
     return paths
 
 
+def run() -> None:
+    """``python -m blip3o_jax.generate`` and the ``blip3o-generate`` console script."""
+    cli.run(main, own_flags=True)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -481,11 +481,9 @@ def table(cfg, slices: list[str], config_name: str, **kwargs) -> str:
 def main(argv: list[str]) -> None:
     del argv
     from absl import flags
-    from absl import logging as absl_logging
 
     from blip3o_jax import configlib
 
-    absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend-probing chatter
     f = flags.FLAGS
     cfg = f.config
     configlib.validate(cfg)
@@ -535,9 +533,10 @@ def _aot(cfg, plan: Plan, device: str, local: bool) -> dict | None:
 
 def _define_flags():
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/blip3o_8b.py.")
+    from blip3o_jax import cli
+
+    cli.define_config_flag("configs/blip3o_8b.py")
     flags.DEFINE_string("mesh", "auto", "data=A,fsdp=B,tensor=C, or 'auto' (needs a slice name as --device).")
     flags.DEFINE_string("device", "v5p-64", f"device kind {sorted(DEVICES)} or slice {sorted(SLICES)}.")
     flags.DEFINE_string("stage", "", "Training stage (default: config.train.stage).")
@@ -548,8 +547,13 @@ def _define_flags():
     flags.mark_flags_as_required(["config"])
 
 
-if __name__ == "__main__":
-    from absl import app
+def run() -> None:
+    """``python -m blip3o_jax.plan`` and the ``blip3o-plan`` console script."""
+    from blip3o_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run()

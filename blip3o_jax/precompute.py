@@ -282,9 +282,9 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
     import jax
     from flax import nnx
 
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax import sharding
+    from blip3o_jax import checkpoints, sharding
     from blip3o_jax.data import pipeline
+    from blip3o_jax.models import blip3o as model_lib
 
     p = cfg.precompute
     if cfg.model.target_encoder == "none":
@@ -329,7 +329,7 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
     if model is None:
         model = model_lib.build_model(cfg, mesh)
         if cfg.train.init_from:
-            model_lib.load_params(model, cfg.train.init_from, mesh)
+            checkpoints.restore_into(model, cfg.train.init_from)
         else:
             logging.warning("precompute: config.train.init_from is empty: the target encoder has RANDOM weights")
     with_condition = bool(p.with_condition)
@@ -417,17 +417,18 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
 # Command line
 
 
-def cli() -> None:
+def run() -> None:
+    """``python -m blip3o_jax.precompute`` and the ``blip3o-precompute`` console script."""
     # Flags are defined here, not at import, so tests can import this module beside blip3o_jax.train.
     from absl import app, flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or configs/blip3o_8b.py.")
+    from blip3o_jax import cli
+
+    cli.define_config_flag("configs/demo.py or configs/blip3o_8b.py")
     flags.DEFINE_string("out", None, "Output directory (ArrayRecord shards + manifest.json); re-run to resume.")
     flags.DEFINE_string("data_dir", None, "Where the synthetic demo set is written if config.data names it "
                         "(default OUT/source_data).")
-    flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() (default: when a multi-process "
-                      "environment is detected).")
+    cli.define_distributed_flag()
     flags.mark_flags_as_required(["config", "out"])
     FLAGS = flags.FLAGS
 
@@ -435,13 +436,9 @@ def cli() -> None:
         del argv
         import jax
 
-        from absl import logging as absl_logging
-
         from blip3o_jax import configlib, distributed
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        cli.setup_logging()
         distributed.maybe_initialize(FLAGS.distributed)  # before anything touches devices
         try:
             configlib.validate(FLAGS.config, num_devices=jax.device_count())
@@ -449,9 +446,7 @@ def cli() -> None:
             raise app.UsageError(str(e)) from None
         precompute(FLAGS.config, FLAGS.out, data_dir=FLAGS.data_dir)
 
-    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    app.run(main)
+    cli.run(main)
 
 
 if __name__ == "__main__":
@@ -459,4 +454,4 @@ if __name__ == "__main__":
     # blip3o_jax.precompute.PrecomputeTransform rather than a class of __main__.
     from blip3o_jax import precompute as _module
 
-    _module.cli()
+    _module.run()

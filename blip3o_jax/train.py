@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from absl import app, flags
-from ml_collections import config_flags
+
+from blip3o_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.")
+cli.define_config_flag("configs/demo.py or configs/demo.py:smoke")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, TensorBoard files, samples.")
-flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: only when a multi-process "
-                  "environment (TPU pod/VM, SLURM with >1 task, JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + "
-                  "JAX_PROCESS_ID) is detected (blip3o_jax.distributed).")
+cli.define_distributed_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -34,11 +32,7 @@ def main(argv: list[str]) -> None:
 
     from blip3o_jax import configlib
 
-    from absl import logging as absl_logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax/JAX chatter; our own progress stays at INFO
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cli.setup_logging()
     from blip3o_jax import distributed
 
     distributed.maybe_initialize(FLAGS.distributed)  # before anything touches devices
@@ -90,7 +84,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     # ---- Model: parameters born sharded, split into trainable and frozen for this stage ----------
     model = model_lib.build_model(cfg, mesh)
     if cfg.train.init_from:
-        model_lib.load_params(model, cfg.train.init_from, mesh)
+        checkpoints.restore_into(model, cfg.train.init_from)
     graphdef, trainable, frozen = nnx.split(model, model_lib.stage_trainable(cfg, stage), ...)
     del model
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
@@ -220,7 +214,10 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     return last
 
 
+def run() -> None:
+    """``python -m blip3o_jax.train`` and the ``blip3o-train`` console script."""
+    cli.run(main)
+
+
 if __name__ == "__main__":
-    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl would exit 1 on --help
-    app.run(main)
+    run()

@@ -12,39 +12,40 @@ answer comes from the KV-cache decoder (decode.generate), stopping at ``<|im_end
 
 from __future__ import annotations
 
-import argparse
+from absl import flags
+
+from blip3o_jax import cli
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m blip3o_jax.understand", description="BLIP3-o image understanding")
-    p.add_argument("--checkpoint", required=True, help="Orbax checkpoint, PyTorch directory or demo workdir")
-    p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-pixels", type=int, default=None)
-    p.add_argument("--max-pixels", type=int, default=None)
-    p.add_argument("--tokenizer", help="tokenizer folder or tokenizer.json (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
-    return p
+def define_flags(fv: flags.FlagValues) -> None:
+    cli.define_checkpoint_flags(fv)
+    flags.DEFINE_string("image", None, "input image", required=True, flag_values=fv)
+    flags.DEFINE_string("question", None, "question about the image", required=True, flag_values=fv)
+    flags.DEFINE_integer("max-new-tokens", 128, "answer length limit in tokens", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
+    flags.DEFINE_float("top-p", 1.0, "nucleus sampling mass (with --temperature > 0)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "sampling seed (with --temperature > 0)", flag_values=fv)
+    flags.DEFINE_integer("min-pixels", None, "processor minimum pixels (default: the checkpoint's)", flag_values=fv)
+    flags.DEFINE_integer("max-pixels", None, "processor maximum pixels (default: the checkpoint's)", flag_values=fv)
 
 
 def main(argv=None) -> str:
-    args = build_parser().parse_args(argv)
+    args = cli.parse(argv, define_flags, __doc__)
     from blip3o_jax import inference
 
     kw = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
-    pipe = inference.Pipeline.from_checkpoint(args.checkpoint, tokenizer=args.tokenizer, dtype=args.dtype,
-                                              mesh=inference.inference_mesh(args.devices),
-                                              load_decoder_weights=False, **kw)
+    pipe = inference.Pipeline.from_checkpoint(args.checkpoint, mesh=inference.inference_mesh(args.devices),
+                                              **cli.checkpoint_kwargs(args), load_decoder_weights=False, **kw)
     answer = pipe.understand(inference.open_image(args.image), args.question, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(answer)
     return answer
 
 
+def run() -> None:
+    """``python -m blip3o_jax.understand`` and the ``blip3o-understand`` console script."""
+    cli.run(main, own_flags=True)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,0 +1,182 @@
+"""What every ``python -m blip3o_jax.X`` command shares: absl flags, the shared flag sets, ``run``.
+
+Two kinds of command:
+
+* config commands (train, precompute, plan) keep their flags on absl's global ``FLAGS``, because
+  ml_collections' ``--config`` and its ``--config.KEY=VALUE`` overrides live there; ``run(main)`` is
+  ``absl.app.run(main)``.
+* checkpoint commands (generate, understand, eval, convert) parse into a ``FlagValues`` of their own on
+  every call (``parse``): ``main(argv)`` then also works in-process, several commands in one process,
+  each call starting from the defaults (argv lists without the program name, as ``sys.argv[1:]``);
+  ``run(main, own_flags=True)``.
+
+absl matches a flag name exactly (no dash/underscore folding as in C++ gflags), so each dashed flag
+(``--num-images``, the documented spelling) also gets its underscore spelling (``--num_images``) as an
+absl alias. ``--help`` (``-h``, ``--helpshort``) prints the module docstring and the command's own
+flags to stdout and exits 0 (absl's exits 1 and lists only the main module's flags).
+
+This module imports no project module, so every command's start-up stays light (no jax, no torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Iterable, Sequence
+
+from absl import flags
+
+HELP_ARGS = frozenset({"-h", "--help", "--helpshort", "--helpfull"})
+DTYPES = ("float32", "bfloat16")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared flag sets of the checkpoint commands
+
+
+def define_checkpoint_flags(fv: flags.FlagValues, *, decoder: bool = False) -> None:
+    """What loads an ``inference.Pipeline``: see ``checkpoint_kwargs``."""
+    flags.DEFINE_string("checkpoint", None, "Orbax checkpoint, PyTorch directory or demo workdir", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "tokenizer folder or tokenizer.json (default: the checkpoint's)",
+                        flag_values=fv)
+    flags.DEFINE_enum("dtype", None, DTYPES, "parameter/compute dtype", flag_values=fv)
+    flags.DEFINE_integer("devices", None, "use the first N devices (default: all)", flag_values=fv)
+    if decoder:
+        flags.DEFINE_string("decoder", None, "decoder folder (diffusers diffusion-decoder/ or converted) overriding "
+                            "the one found", flag_values=fv)
+        flags.DEFINE_enum("negative", None, ("empty_prompt", "zero_image"), "decoder negative features (default: "
+                          "zero_image for demo workdirs, else empty_prompt)", flag_values=fv)
+
+
+def checkpoint_kwargs(args: types.SimpleNamespace) -> dict:
+    """``inference.Pipeline.from_checkpoint`` keywords from ``define_checkpoint_flags``'s flags (the mesh
+    for ``args.devices`` is the caller's: this module does not import jax)."""
+    names = ("tokenizer", "dtype", "decoder", "negative")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def define_generation_flags(fv: flags.FlagValues) -> None:
+    """Text -> image sampling: the DiT's Euler loop, then the pixel decoder's."""
+    flags.DEFINE_integer("seed", 0, "noise seed", flag_values=fv)
+    flags.DEFINE_integer("steps", 30, "DiT Euler steps", flag_values=fv)
+    flags.DEFINE_float("guidance", 3.0, "DiT classifier-free guidance", flag_values=fv)
+    flags.DEFINE_integer("decoder-steps", 50, "pixel decoder steps", flag_values=fv)
+    flags.DEFINE_float("decoder-guidance", 3.0, "pixel decoder classifier-free guidance", flag_values=fv)
+    flags.DEFINE_integer("size", None, "image side in pixels (default: the decoder's native)", flag_values=fv)
+
+
+def define_convert_flags(fv: flags.FlagValues) -> None:
+    """``python -m blip3o_jax.convert``'s flags (convert.main)."""
+    flags.DEFINE_string("src", None, "PyTorch directory (default) or Orbax checkpoint (--to torch)", required=True,
+                        flag_values=fv)
+    flags.DEFINE_string("dst", None, "output directory", required=True, flag_values=fv)
+    flags.DEFINE_enum("to", "orbax", ("orbax", "torch"), "output format", flag_values=fv)
+    flags.DEFINE_bool("allow-pickle", False, "accept pickle pytorch_model*.bin files", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, DTYPES, "parameter dtype (default float32 from PyTorch, the stored one from "
+                      "Orbax)", flag_values=fv)
+    flags.DEFINE_integer("max-shard-bytes", 2 << 30, "safetensors shard size (--to torch)", flag_values=fv)
+    flags.DEFINE_integer("group-bytes", 256 << 20, "parameters written per Orbax partial save (host memory vs. "
+                         "number of writes)", flag_values=fv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared flags of the config commands (absl's global FLAGS)
+
+
+def define_config_flag(example: str) -> None:
+    from ml_collections import config_flags  # not at import: the checkpoint commands never need it
+
+    config_flags.DEFINE_config_file("config", None, f"Config file, e.g. {example}.")
+
+
+def define_distributed_flag() -> None:
+    flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize(); default: only when a multi-process "
+                      "environment (TPU pod/VM, SLURM with >1 task, JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + "
+                      "JAX_PROCESS_ID) is detected (blip3o_jax.distributed).")
+
+
+def setup_logging() -> None:
+    """Our progress lines (logging.info) to stdout; absl/Orbax/JAX chatter only from WARNING up."""
+    from absl import logging as absl_logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and running
+
+
+def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None], doc: str | None = None
+          ) -> types.SimpleNamespace:
+    """Parses ``argv`` (default ``sys.argv[1:]``) with the flags ``define`` adds to a fresh FlagValues;
+    returns their values by name, dashes as underscores (``args.num_images``). ``--help`` prints ``doc``
+    and the flags and exits 0; a bad, missing or unknown flag raises ``absl.app.UsageError``."""
+    from absl import app
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = flags.FlagValues()
+    define(fv)
+    names = list(fv)  # before the aliases
+    for name in names:
+        if "-" in name:
+            flags.DEFINE_alias(name.replace("-", "_"), name, flag_values=fv)
+    if HELP_ARGS & set(argv):
+        print(help_text(doc, (fv[name] for name in names)))
+        raise SystemExit(0)
+    try:
+        rest = fv(["prog", *argv])[1:]
+    except flags.Error as e:
+        raise app.UsageError(str(e)) from None
+    if rest:
+        raise app.UsageError(f"unexpected arguments {rest} (every input is a --flag)")
+    return types.SimpleNamespace(**{name.replace("-", "_"): fv[name].value for name in names})
+
+
+def help_text(doc: str | None, flag_list: Iterable[flags.Flag]) -> str:
+    lines = [textwrap.dedent(doc or "").strip(), "", "flags:"]
+    for flag in flag_list:
+        name = f"--[no]{flag.name}" if flag.boolean else f"--{flag.name}"
+        if "-" in flag.name:
+            name += f" (or --{flag.name.replace('-', '_')})"
+        text = " ".join(flag.help.split())  # absl appends its own multi-line notes (repeatable flags)
+        if any("must have a value other than None" in getattr(v, "message", "") for v in flag.validators):
+            text += " (required)"
+        elif flag.default not in (None, [], "") and not (flag.boolean and flag.default is False):
+            text += f" (default: {flag.default})"
+        lines += textwrap.wrap(f"{name}: {text}", width=100, initial_indent="  ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+def run(main: Callable[[list[str]], object], *, own_flags: bool = False) -> None:
+    """``absl.app.run`` for this project's commands: ``--help`` exits 0 (see the module docstring),
+    a ``UsageError`` (bad flag, config key or value) prints one line to stderr and exits 1, absl's INFO
+    chatter (Orbax, JAX) is off, and ``main``'s return value is not taken for an exit status.
+
+    ``own_flags``: ``main(argv)`` parses ``sys.argv[1:]`` itself (``parse``); otherwise ``main`` is an
+    absl main over the global FLAGS."""
+    from absl import app
+    from absl import logging as absl_logging
+
+    module = sys.modules[main.__module__]
+    prog = getattr(module.__spec__, "name", None) or sys.argv[0]
+    if not own_flags and (HELP_ARGS - {"--helpfull"}) & set(sys.argv[1:]):  # --helpfull: absl's
+        by_module = flags.FLAGS.flags_by_module_dict()
+        print(help_text(module.__doc__, (f for name, fs in by_module.items() if "blip3o_jax" in name for f in fs)))
+        raise SystemExit(0)
+
+    def entry(argv: list[str]) -> None:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # app.run has just raised it to INFO
+        try:
+            main(argv[1:] if own_flags else argv)
+        except app.UsageError as e:
+            sys.stderr.write(f"{prog}: {e}\nPass --help to see the flags.\n")
+            sys.exit(1)
+
+    # own_flags: absl's global FLAGS (its own flags: logging, pdb, ...) keep their defaults.
+    parser = (lambda argv: flags.FLAGS.mark_as_parsed() or argv) if own_flags else app.parse_flags_with_usage
+    app.run(entry, flags_parser=parser)
