@@ -8,7 +8,7 @@ from flax import nnx
 from timm.models.eva import Eva
 from safetensors.torch import save_file
 from blip3o_jax import sharding
-from blip3o_jax.models.eva_clip import EvaConfig, EvaVisionTransformer
+from blip3o_jax.models.eva_clip import EvaConfig
 from blip3o_jax.models import eva_mapping
 from blip3o_jax.weights import TorchCheckpoint
 
@@ -21,9 +21,7 @@ tm = Eva(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12, mlp
 d = pathlib.Path(tempfile.mkdtemp()); save_file({k: v.contiguous() for k, v in tm.state_dict().items()}, str(d / "model.safetensors"))
 mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 def build(dtype):
-    graphdef, abstract = sharding.abstract_with_shardings(
-        lambda: EvaVisionTransformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)), mesh, sharding.rules_for("replicated"))
-    gd, state = nnx.split(nnx.merge(graphdef, eva_mapping.load_eva(TorchCheckpoint(d), abstract, cfg)))
+    gd, state = nnx.split(eva_mapping.load(TorchCheckpoint(d), cfg, mesh, "replicated", dtype=dtype))
     fwd = jax.jit(lambda s, x: nnx.merge(gd, s).target_features(x))
     return lambda x: fwd(state, x).block_until_ready()
 

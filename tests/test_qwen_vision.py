@@ -1,8 +1,8 @@
 """Qwen2.5-VL vision tower, M-RoPE position ids and image processor against transformers 5.23.
 
 The tower reference is transformers' Qwen2_5_VisionTransformerPretrainedModel (eager attention),
-tiny, random weights, saved as a ``visual.*`` safetensors checkpoint and loaded through VISION_RULES +
-weights.load_component (the real converter path). Window size 56 with patch 14 / merge 2 makes
+tiny, random weights, saved as a ``visual.*`` safetensors checkpoint and loaded through
+qwen_vision_mapping.load (weights.load_component, the real converter path). Window size 56 with patch 14 / merge 2 makes
 windows of 2x2 merged tokens, so the images below split into full and partial windows.
 """
 
@@ -24,7 +24,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from blip3o_jax import sharding, weights
 from blip3o_jax.models.qwen2_5_vl import QwenVisionConfig
-from blip3o_jax.models.qwen_vision import VISION_RULES, QwenVisionTower, get_rope_index, vision_layout
+from blip3o_jax.models import qwen_vision_mapping
+from blip3o_jax.models.qwen_vision import get_rope_index, vision_layout
 from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
 
 TINY = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, window_size=56,
@@ -54,12 +55,8 @@ def reference(tmp_path_factory):
     return types.SimpleNamespace(pixels=pixels, out=out, ckpt=weights.TorchCheckpoint(ckpt))
 
 
-def load_tower(reference, mesh, rules, remat="none"):
-    graphdef, abstract = sharding.abstract_with_shardings(
-        lambda: QwenVisionTower(CFG, remat=remat, rngs=nnx.Rngs(0)), mesh, rules
-    )
-    state = weights.load_component(reference.ckpt, VISION_RULES, abstract, prefix="visual.")
-    return nnx.merge(graphdef, state)
+def load_tower(reference, mesh, rule_table, remat="none"):
+    return qwen_vision_mapping.load(reference.ckpt, CFG, mesh, rule_table, remat=remat)
 
 
 def forward(tower, pixels):
@@ -79,7 +76,7 @@ def one_device_mesh():
 
 @pytest.fixture(scope="module")
 def tower(reference, one_device_mesh):
-    return load_tower(reference, one_device_mesh, sharding.rules_for("replicated"))
+    return load_tower(reference, one_device_mesh, "replicated")
 
 
 def test_tower_matches_transformers(reference, tower):
@@ -89,7 +86,7 @@ def test_tower_matches_transformers(reference, tower):
 
 
 def test_remat_forward_and_grad(reference, one_device_mesh):
-    tower = load_tower(reference, one_device_mesh, sharding.rules_for("replicated"), remat="full")
+    tower = load_tower(reference, one_device_mesh, "replicated", remat="full")
     loss, grads = nnx.jit(nnx.value_and_grad(lambda m, x: jnp.sum(m(x, GRID) ** 2)))(
         tower, jnp.asarray(reference.pixels)
     )
@@ -100,8 +97,7 @@ def test_remat_forward_and_grad(reference, one_device_mesh):
 
 def test_sharded_tower(reference):
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    rules = sharding.rules_for("fsdp")
-    tower = load_tower(reference, mesh, rules)
+    tower = load_tower(reference, mesh, "fsdp")
     specs = {
         "/".join(map(str, path)): v.get_value().sharding.spec for path, v in nnx.to_flat_state(nnx.state(tower))
     }

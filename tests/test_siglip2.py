@@ -84,10 +84,8 @@ def _save(sd, path, prefix=""):
     return TorchCheckpoint(path)
 
 
-def _load(ckpt, cfg, mesh, rules, **kw):
-    graphdef, abstract = sharding.abstract_with_shardings(
-        lambda: Siglip2VisionModel(cfg, rngs=nnx.Rngs(0), **kw), mesh, rules)
-    return nnx.merge(graphdef, siglip2_mapping.load_siglip2(ckpt, abstract, cfg))
+def _load(ckpt, cfg, mesh, rule_table, **kw):
+    return siglip2_mapping.load(ckpt, cfg, mesh, rule_table, **kw)
 
 
 @nnx.jit
@@ -121,7 +119,7 @@ def case(request, tmp_path_factory):
 
 def test_parity_with_transformers(case, mesh1):
     cfg = case["cfg"]
-    model = _load(case["ckpt"], cfg, mesh1, sharding.rules_for("replicated"))
+    model = _load(case["ckpt"], cfg, mesh1, "replicated")
     feats, pooled, last = _forward(model, case["images"])
     assert pooled.shape == (4, cfg.num_pooled_tokens, cfg.hidden_size) and pooled.dtype == jnp.float32
     _close(feats, case["feats"])
@@ -151,7 +149,7 @@ def test_sharded_fsdp_tensor(tmp_path):
     # The converted reference weights loaded straight into that sharding; jitted forward on a
     # batch split over (data, fsdp), with remat, still matches transformers.
     case = _make_case("same_grid", tmp_path)
-    model = _load(case["ckpt"], cfg, mesh, rules, remat="full")
+    model = _load(case["ckpt"], cfg, mesh, "fsdp", remat="full")
     assert {"/".join(map(str, p)): v.get_value().sharding.spec for p, v in nnx.to_flat_state(nnx.state(model))} == specs
     batch = sharding.shard_host_batch({"images": case["images"]}, mesh)["images"]
     with jax.set_mesh(mesh):
@@ -168,7 +166,7 @@ def test_mismatched_checkpoint_lists_every_offender(tmp_path, mesh1):
     sd["encoder.layers.0.self_attn.qkv.weight"] = torch.zeros(3, 3)
     sd["embeddings.position_embedding.weight"] = torch.zeros(64, cfg.hidden_size)
     with pytest.raises(CheckpointMismatchError) as err:
-        _load(_save(sd, tmp_path / "bad"), cfg, mesh1, sharding.rules_for("replicated"))
+        _load(_save(sd, tmp_path / "bad"), cfg, mesh1, "replicated")
     msg = str(err.value)
     for key in ("encoder.layers.2.mlp.fc2.weight", "self_attn.qkv.weight", "embeddings.position_embedding.weight"):
         assert key in msg

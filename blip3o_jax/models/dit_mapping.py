@@ -1,17 +1,25 @@
-"""PyTorch <-> NNX mapping of the DiT head: released keys ``model.dit.model.*`` (reference 5.6).
+"""PyTorch <-> NNX mapping of the DiT head (models/dit.py, reference 5.6).
 
-One Rule per tensor; ``{i}`` is the block index of the stacked 'layers' axis. Nothing else is in the
-released checkpoint: no ``attn1.to_out`` (self-attention shares ``attn2.to_out.0``), no
-``norm_out.norm`` (no affine), no ``pad_token`` and no ``freqs_cis`` (the RoPE table is recomputed).
-A state dict of stock diffusers' ``LuminaNextDiT2DModel`` additionally holds ``pad_token``, which is
-unused; drop it (or pass it in ``ignore``) before loading.
+Maps the released BLIP3-o keys ``model.dit.model.<name>`` (BLIP3-o's NextDiT, diffusers'
+``LuminaNextDiT2DModel`` names) onto ``DiT`` parameter paths: dots become ``/``, ``weight`` becomes
+``kernel`` (transposed) or ``scale``, and the per-block ``layers.{i}.*`` tensors fill one array stacked
+along the leading 'layers' axis. ``caption_embedder.0`` / ``.1`` are named ``caption_norm`` /
+``caption_linear`` here. Nothing else is in the released checkpoint: no ``attn1.to_out``
+(self-attention shares ``attn2.to_out.0``), no ``norm_out.norm`` (no affine), no ``pad_token`` and no
+``freqs_cis`` (the RoPE table is recomputed). A state dict of stock diffusers' ``LuminaNextDiT2DModel``
+additionally holds the unused ``pad_token``: drop it before loading.
+
+Rule of the table: every weight is mapped exactly once; weights.load_component checks coverage both
+ways (every missing, unexpected and mis-shaped key in one error) before reading any tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from blip3o_jax import sharding, weights
@@ -67,40 +75,59 @@ RULES: tuple[Rule, ...] = tuple(
 )
 
 
-def rules(cfg: DiTConfig | None = None, nnx_prefix: str = "") -> list[Rule]:
-    """The rules, without the q/k-norm ones when ``cfg.qk_norm`` is False; NNX paths under ``nnx_prefix``
-    (e.g. ``"dit/"`` when the DiT is the ``dit`` attribute of a larger module)."""
-    qk_norm = cfg is None or cfg.qk_norm
-    out = [r for r in RULES if qk_norm or ("/norm_q/" not in r.nnx and "/norm_k/" not in r.nnx)]
-    return [Rule(r.torch, nnx_prefix + r.nnx, r.transform) for r in out]
+def rules(cfg: DiTConfig) -> list[Rule]:
+    """The table of this DiT: without the q/k-norm rules when ``cfg.qk_norm`` is False."""
+    return [r for r in RULES if cfg.qk_norm or ("/norm_q/" not in r.nnx and "/norm_k/" not in r.nnx)]
 
 
 def load(
-    ckpt: weights.TorchCheckpoint,
+    ckpt,
     cfg: DiTConfig,
     mesh,
-    rule_table: str = "fsdp",
+    rule_table: str = "replicated",
     *,
     prefix: str = PREFIX,
-    ignore=(),
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
     remat: str = "none",
 ) -> DiT:
-    """A DiT filled from ``ckpt`` (keys under ``prefix``), every tensor streamed into its sharding.
-
-    Raises weights.CheckpointMismatchError naming every missing / unexpected / mis-shaped key.
-    """
+    """A DiT filled from ``ckpt`` (a weights.TorchCheckpoint or a view of one; keys under ``prefix``),
+    every tensor streamed into its sharding on ``mesh`` under the rule table ``rule_table``
+    (sharding.RULE_TABLES). Raises weights.CheckpointMismatchError naming every offending key."""
     table = sharding.rules_for(rule_table)
-
-    def factory():
-        return DiT(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rules=table, rngs=nnx.Rngs(0))
-
-    graphdef, abstract = sharding.abstract_with_shardings(factory, mesh, table)
-    state = weights.load_component(ckpt, rules(cfg), abstract, prefix=prefix, ignore=ignore, where="DiT head")
-    return nnx.merge(graphdef, state)
+    graphdef, abstract = sharding.abstract_with_shardings(
+        lambda: DiT(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rules=table, rngs=nnx.Rngs(0)),
+        mesh, table)
+    return nnx.merge(graphdef, weights.load_component(ckpt, rules(cfg), abstract, prefix=prefix, where="DiT head"))
 
 
-def export(dit: DiT, prefix: str = PREFIX):
+def export(model: DiT, prefix: str = PREFIX) -> Iterator[tuple[str, np.ndarray]]:
     """(torch key, numpy tensor) pairs in the released layout, one at a time."""
-    return weights.export_component(rules(dit.cfg), nnx.state(dit, nnx.Param), prefix)
+    return weights.export_component(rules(model.cfg), nnx.state(model, nnx.Param), prefix)
+
+
+# config.json's optional ``dit_config`` block (contract 3: the reference's NextDiTCrossAttnConfig names),
+# read and written by blip3o_jax.conversion through the head registry (models/heads.py).
+JSON_FIELDS = ("input_size", "patch_size", "in_channels", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+               "ffn_dim_multiplier", "norm_eps", "qk_norm")
+
+
+def config_from_hf(hf: dict, condition_width: int) -> dict:
+    """``model.dit`` values from a BLIP3-o config.json (absent block = the released sizes)."""
+    block = dict(hf.get("dit_config") or {})
+    unknown = set(block) - set(JSON_FIELDS) - {"latent_embedding_size", "rope_theta"}
+    if unknown:
+        raise ValueError(f"config.json dit_config: unknown fields {sorted(unknown)}; allowed: {list(JSON_FIELDS)}")
+    if block.get("ffn_dim_multiplier") is None:
+        block.pop("ffn_dim_multiplier", None)  # None in the reference = no multiplier (0.0 here)
+    block["latent_embedding_size"] = condition_width  # the DiT reads the LLM states (docs/model.md 5.1)
+    return block
+
+
+def config_to_hf(cfg: DiTConfig) -> dict:
+    """config.json entries for the DiT: a ``dit_config`` block only when the sizes differ from the released."""
+    block = {k: getattr(cfg, k) for k in JSON_FIELDS}
+    if block == {k: getattr(DiTConfig(), k) for k in JSON_FIELDS}:
+        return {}
+    block["ffn_dim_multiplier"] = block["ffn_dim_multiplier"] or None
+    return {"dit_config": block}

@@ -1,6 +1,10 @@
-"""PyTorch <-> NNX mapping for the EVA-CLIP target encoder (eva_clip.py, reference 8.1 / 8.2 / 10.1).
+"""PyTorch <-> NNX mapping of the EVA-CLIP target encoder (models/eva_clip.py, reference 8.1 / 8.2 / 10.1).
 
-Three checkpoint layouts hold the same tensors under almost the same names:
+Maps EVA-CLIP ``EVAVisionTransformer`` names (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+``blocks.{i}.*``) onto ``EvaVisionTransformer`` paths: dots become ``/``, ``weight`` becomes ``kernel``
+(transposed; the patch Conv2d as "conv2d") or ``scale``, and ``blocks.{i}.*`` fills one array stacked
+along the leading 'layers' axis. Three checkpoint layouts hold the same tensors under almost the same
+names:
 
   released BLIP3-o  ``model.gen_vision_tower.vision_tower.model.`` + the EVA names below, fused
                     ``blocks.{i}.attn.qkv.bias`` (one bias of 3*width).
@@ -9,27 +13,32 @@ Three checkpoint layouts hold the same tensors under almost the same names:
   timm ``Eva``      the same names, but the qkv bias is stored as ``attn.q_bias`` and ``attn.v_bias``
                     (timm keeps a zero, non-persistent ``k_bias``; Emu2's EVA stores the same pair).
 
-``RULES`` is the one mechanical table (EVA name -> NNX path). The split q/v bias cannot be written as
+``rules(cfg)`` is the one mechanical table (EVA name -> NNX path). The split q/v bias cannot be written as
 a ``weights.Rule`` (one NNX array built from two tensors plus zeros), so ``FusedQkvBiasView`` presents
 such a checkpoint as the fused layout: it serves ``attn.qkv.bias = [q_bias, 0, v_bias]``. A zero k bias
 is exact for timm / Emu2 and harmless in general: a k bias adds the same constant to every logit of a
 query, which softmax cancels (reference 8.2).
 
-Tensors of the EVA file that the target path never uses (the final ``norm``, ``fc_norm`` and the CLIP
-projection ``head``: the target is taken before them) are ignored by name; anything else missing,
-unexpected or mis-shaped raises ``weights.CheckpointMismatchError`` listing every offender.
+Rule of the table: every weight is mapped exactly once; weights.load_component checks coverage both
+ways before reading any tensor. Tensors of the EVA file that the target path never uses (the final
+``norm``, ``fc_norm`` and the CLIP projection ``head``: the target is taken before them) are ignored by
+name; anything else missing, unexpected or mis-shaped raises ``weights.CheckpointMismatchError`` listing
+every offender.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from blip3o_jax.models.eva_clip import EvaConfig
-from blip3o_jax.weights import Rule, export_component, load_component
+from blip3o_jax import sharding, weights
+from blip3o_jax.models.eva_clip import EvaConfig, EvaVisionTransformer
+from blip3o_jax.weights import Rule
 
 RELEASED_PREFIX = "model.gen_vision_tower.vision_tower.model."
 
@@ -104,18 +113,33 @@ def detect_prefix(keys) -> str:
     return RELEASED_PREFIX if any(k.startswith(RELEASED_PREFIX) for k in keys) else ""
 
 
-def load_eva(ckpt, abstract_state: nnx.State, cfg: EvaConfig, *, prefix: str | None = None) -> nnx.State:
-    """Fills an EvaVisionTransformer state (ShapeDtypeStructs with shardings) from any of the three
-    layouts; ``ckpt`` is a ``weights.TorchCheckpoint``. ``prefix=None`` detects it."""
+def load(
+    ckpt,
+    cfg: EvaConfig,
+    mesh,
+    rule_table: str = "replicated",
+    *,
+    prefix: str | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat: str = "none",
+) -> EvaVisionTransformer:
+    """An EvaVisionTransformer filled from ``ckpt`` (a weights.TorchCheckpoint or a view of one) in any of
+    the three layouts, every tensor streamed into its sharding on ``mesh`` under the rule table
+    ``rule_table`` (sharding.RULE_TABLES). ``prefix=None`` detects it."""
     if prefix is None:
         prefix = detect_prefix(ckpt.keys())
     if any(k.startswith(prefix) and k.endswith("attn.q_bias") for k in ckpt.keys()):
         ckpt = FusedQkvBiasView(ckpt)
     ignore = [re.escape(prefix) + p for p in UNUSED_AFTER_BLOCKS]
-    return load_component(ckpt, rules(cfg), abstract_state, prefix=prefix, ignore=ignore,
-                          where=f"EVA-CLIP target encoder, prefix {prefix!r}")
+    graphdef, abstract = sharding.abstract_with_shardings(
+        lambda: EvaVisionTransformer(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)),
+        mesh, sharding.rules_for(rule_table))
+    state = weights.load_component(ckpt, rules(cfg), abstract, prefix=prefix, ignore=ignore,
+                                   where=f"EVA-CLIP target encoder, prefix {prefix!r}")
+    return nnx.merge(graphdef, state)
 
 
-def export_eva(state: nnx.State, cfg: EvaConfig, prefix: str = RELEASED_PREFIX) -> Iterator[tuple[str, np.ndarray]]:
+def export(model: EvaVisionTransformer, prefix: str = RELEASED_PREFIX) -> Iterator[tuple[str, np.ndarray]]:
     """(torch key, numpy tensor) pairs in the released layout (fused qkv bias), one at a time."""
-    return export_component(rules(cfg), state, prefix)
+    return weights.export_component(rules(model.cfg), nnx.state(model, nnx.Param), prefix)

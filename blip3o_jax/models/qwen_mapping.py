@@ -1,6 +1,10 @@
-"""Hugging Face Qwen2.5-VL checkpoint -> NNX ``Qwen2_5_VL``: config translation and weight mapping.
+"""PyTorch <-> NNX mapping of Qwen2.5-VL (models/qwen2_5_vl.py, reference 10.2): the text model and,
+through qwen_vision_mapping.py, its vision tower; plus the translation of its config.json.
 
-Two key namings exist for the same tensors (reference 10.2):
+Maps transformers' ``Qwen2_5_VLForConditionalGeneration`` names onto ``Qwen2_5_VL`` paths: dots become
+``/``, ``weight`` becomes ``kernel`` (transposed), ``scale`` or ``embedding``, ``model.layers.{i}.*``
+fills one array stacked along the leading 'layers' axis, and ``visual.*`` is the vision tower's table
+under ``visual/``. Two key namings exist for the same tensors:
 
     transformers 4.51 (released BLIP3-o, and what transformers 5 ``save_pretrained`` writes)
         visual.*   model.embed_tokens.*   model.layers.{i}.*   model.norm.*   lm_head.weight
@@ -8,12 +12,13 @@ Two key namings exist for the same tensors (reference 10.2):
         model.visual.*   model.language_model.{embed_tokens,layers,norm}.*   lm_head.weight
 
 ``canonical_key`` maps the second onto the first, and ``canonical_view`` presents any checkpoint
-under canonical names, so one mapping table (``qwen_rules``) serves both. config.json comes flat
-(4.51: text fields at the top level, ``rope_scaling``) or nested (5: ``text_config``,
-``vision_config``, ``rope_parameters``); ``configs_from_hf`` reads both.
+under canonical names, so one table (``rules``) serves both. config.json comes flat (4.51: text
+fields at the top level, ``rope_scaling``) or nested (5: ``text_config``, ``vision_config``,
+``rope_parameters``); ``configs_from_hf`` reads both, and ``from_pretrained`` loads a directory.
 
-Loading streams one tensor at a time into the target sharding through weights.load_component, after a
-coverage check naming every missing, unexpected and mis-shaped key.
+Rule of the table: every weight is mapped exactly once (no ``lm_head`` rule when the embeddings are
+tied); weights.load_component checks coverage both ways (every missing, unexpected and mis-shaped key
+in one error) before streaming tensors one at a time into their shardings.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip3o_jax import sharding, weights
+from blip3o_jax.models import qwen_vision_mapping
 from blip3o_jax.models.qwen2_5_vl import (
     IMAGE_TOKEN_ID,
     VISION_START_TOKEN_ID,
@@ -36,8 +42,10 @@ from blip3o_jax.models.qwen2_5_vl import (
     QwenTextConfig,
     QwenVisionConfig,
 )
-from blip3o_jax.models.qwen_vision import VISION_RULES as _TOWER_RULES
 from blip3o_jax.weights import Rule
+
+# The configs of one Qwen2_5_VL, as its constructor takes them (vision None: a text-only model).
+QwenConfigs = tuple[QwenTextConfig, QwenVisionConfig | None]
 
 # ---------------------------------------------------------------------------------------------
 # Key naming
@@ -59,7 +67,7 @@ def canonical_view(ckpt) -> weights.RenamedCheckpoint:
 
 
 # ---------------------------------------------------------------------------------------------
-# Mapping tables (torch key -> NNX path of Qwen2_5_VL)
+# Mapping table (canonical torch key -> NNX path of Qwen2_5_VL)
 
 TEXT_RULES = (
     Rule("model.embed_tokens.weight", "model/embed_tokens/embedding"),
@@ -80,87 +88,74 @@ TEXT_RULES = (
 
 LM_HEAD_RULE = Rule("lm_head.weight", "lm_head/kernel", "linear")
 
-# The vision tower's own table (torch keys relative to ``visual.``) lives in qwen_vision.py.
-VISION_RULES = tuple(Rule("visual." + r.torch, "visual/" + r.nnx, r.transform) for r in _TOWER_RULES)
 
-
-def qwen_rules(text_cfg: QwenTextConfig, with_vision: bool = True) -> list[Rule]:
-    """Every parameter of ``Qwen2_5_VL`` mapped once (no lm_head when embeddings are tied)."""
-    rules = list(TEXT_RULES)
+def rules(cfg: QwenConfigs) -> list[Rule]:
+    """Every parameter of ``Qwen2_5_VL(*cfg)`` mapped once: no lm_head when embeddings are tied, no
+    ``visual.*`` without a vision config."""
+    text_cfg, vision_cfg = cfg
+    table = list(TEXT_RULES)
     if not text_cfg.tie_word_embeddings:
-        rules.append(LM_HEAD_RULE)
-    if with_vision:
-        rules += VISION_RULES
-    return rules
+        table.append(LM_HEAD_RULE)
+    if vision_cfg is not None:
+        table += [Rule(qwen_vision_mapping.PREFIX + r.torch, "visual/" + r.nnx, r.transform)
+                  for r in qwen_vision_mapping.rules(vision_cfg)]
+    return table
 
 
-# Keys of a BLIP3-o checkpoint that belong to other components (DiT, learned queries, target encoder,
-# leftover VAE, weightless projector); pass as ``ignore`` when loading only the backbone from it.
-BLIP3O_NON_QWEN_KEYS = (r"model\.(dit|latent_queries|gen_vision_tower|vae|down_projector)\b",)
-
-
-def load_qwen(
-    ckpt: weights.TorchCheckpoint | str | os.PathLike,
-    text_cfg: QwenTextConfig,
-    abstract_state,
+def load(
+    ckpt,
+    cfg: QwenConfigs,
+    mesh,
+    rule_table: str = "replicated",
     *,
-    with_vision: bool = True,
-    ignore: Iterable[str] = (),
-):
-    """Fills the abstract ``Qwen2_5_VL`` state (sharding.abstract_with_shardings) from a checkpoint in
-    either naming. A tied model ignores a stored ``lm_head.weight``; an untied one requires it.
-    Without the vision tower, ``visual.*`` keys are ignored. Raises CheckpointMismatchError listing
-    every offending key.
-    """
-    if not isinstance(ckpt, weights.TorchCheckpoint):
-        ckpt = weights.TorchCheckpoint(ckpt)
-    ignore = list(ignore)
+    image_token_id: int = IMAGE_TOKEN_ID,
+    vision_start_token_id: int = VISION_START_TOKEN_ID,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat: str = "none",
+) -> Qwen2_5_VL:
+    """A ``Qwen2_5_VL(*cfg)`` filled from ``ckpt`` (a weights.TorchCheckpoint or a view of one, either
+    naming), every tensor streamed into its sharding on ``mesh`` under the rule table ``rule_table``
+    (sharding.RULE_TABLES). A tied model ignores a stored ``lm_head.weight``, an untied one requires it;
+    a text-only model (vision config None) ignores ``visual.*``. Raises weights.CheckpointMismatchError
+    listing every offending key."""
+    text_cfg, vision_cfg = cfg
+    ignore = []
     if text_cfg.tie_word_embeddings:
         ignore.append(r"lm_head\.weight$")
-    if not with_vision:
+    if vision_cfg is None:
         ignore.append(r"visual\.")
-    return weights.load_component(
-        canonical_view(ckpt), qwen_rules(text_cfg, with_vision), abstract_state, ignore=ignore,
-        where="Qwen2.5-VL backbone",
-    )
+    graphdef, abstract = sharding.abstract_with_shardings(
+        lambda: Qwen2_5_VL(text_cfg, vision_cfg, image_token_id=image_token_id,
+                           vision_start_token_id=vision_start_token_id, dtype=dtype, param_dtype=param_dtype,
+                           remat=remat, rngs=nnx.Rngs(0)),
+        mesh, sharding.rules_for(rule_table))
+    state = weights.load_component(canonical_view(ckpt), rules(cfg), abstract, ignore=ignore,
+                                   where="Qwen2.5-VL backbone")
+    return nnx.merge(graphdef, state)
 
 
 def from_pretrained(
     path: str | os.PathLike,
-    *,
-    dtype=jnp.float32,
-    param_dtype=jnp.float32,
-    remat: str = "none",
     mesh: jax.sharding.Mesh | None = None,
-    rules: str = "replicated",
+    rule_table: str = "replicated",
+    *,
     with_vision: bool = True,
-    ignore: Iterable[str] = (),
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat: str = "none",
 ) -> Qwen2_5_VL:
-    """A ``Qwen2_5_VL`` from a Hugging Face directory (config.json + safetensors, either naming),
-    parameters streamed straight into their sharding on ``mesh`` (default: the first device) under the
-    rule table ``rules`` (sharding.RULE_TABLES)."""
+    """``load`` of a Hugging Face directory (config.json + safetensors, either naming); ``mesh`` defaults
+    to the first device, ``with_vision=False`` loads the text model only."""
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     text_cfg, vision_cfg = configs_from_hf(config)
     tokens = token_ids_from_hf(config)
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-
-    def factory():
-        return Qwen2_5_VL(
-            text_cfg, vision_cfg if with_vision else None, image_token_id=tokens["image_token_id"],
-            vision_start_token_id=tokens["vision_start_token_id"], dtype=dtype, param_dtype=param_dtype,
-            remat=remat, rngs=nnx.Rngs(0),
-        )
-
-    graphdef, abstract = sharding.abstract_with_shardings(factory, mesh, sharding.rules_for(rules))
-    state = load_qwen(path, text_cfg, abstract, with_vision=with_vision and vision_cfg is not None, ignore=ignore)
-    return nnx.merge(graphdef, state)
-
-
-def export_qwen(state, text_cfg: QwenTextConfig, with_vision: bool = True):
-    """(released 4.51 key, numpy tensor) pairs, one at a time, for weights.save_safetensors_sharded."""
-    return weights.export_component(qwen_rules(text_cfg, with_vision), state)
+    return load(weights.TorchCheckpoint(path), (text_cfg, vision_cfg if with_vision else None), mesh, rule_table,
+                image_token_id=tokens["image_token_id"], vision_start_token_id=tokens["vision_start_token_id"],
+                dtype=dtype, param_dtype=param_dtype, remat=remat)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +177,7 @@ def configs_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> tuple[Qwen
         with open(config) as f:
             config = json.load(f)
     text = config.get("text_config") or config  # nested (5) or flat (4.51)
-    d = dataclass_defaults(QwenTextConfig)
+    d = _dataclass_defaults(QwenTextConfig)
 
     def pick(name, default):
         return text.get(name, config.get(name, default))
@@ -217,7 +212,7 @@ def configs_from_hf(config: Mapping[str, Any] | str | os.PathLike) -> tuple[Qwen
     vision = config.get("vision_config")
     if vision is None:
         return text_cfg, None
-    v = dataclass_defaults(QwenVisionConfig)
+    v = _dataclass_defaults(QwenVisionConfig)
     vision_cfg = QwenVisionConfig(
         depth=vision.get("depth", v["depth"]),
         hidden_size=vision.get("hidden_size", v["hidden_size"]),
@@ -251,20 +246,18 @@ def token_ids_from_hf(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def dataclass_defaults(cls) -> dict[str, Any]:
+def _dataclass_defaults(cls) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
 __all__ = [
+    "QwenConfigs",
     "canonical_key",
     "canonical_view",
     "TEXT_RULES",
-    "VISION_RULES",
-    "qwen_rules",
-    "load_qwen",
+    "rules",
+    "load",
     "from_pretrained",
-    "export_qwen",
     "configs_from_hf",
     "token_ids_from_hf",
-    "BLIP3O_NON_QWEN_KEYS",
 ]

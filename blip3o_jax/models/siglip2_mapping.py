@@ -1,24 +1,30 @@
-"""PyTorch <-> NNX mapping for the SigLIP2 vision encoder (siglip2.py, reference 8.3).
+"""PyTorch <-> NNX mapping of the SigLIP2 vision encoder (models/siglip2.py, reference 8.3).
 
-Names are transformers' ``Siglip2VisionModel``. Its state_dict and its ``save_pretrained`` files
-(transformers 5) carry no prefix (``embeddings.patch_embedding.weight``,
-``encoder.layers.{i}.self_attn.q_proj.weight``, ...); the Hub's whole-``Siglip2Model`` files (e.g.
-google/siglip2-so400m-patch16-512) put them under ``vision_model.`` next to ``text_model.*`` and
-``logit_*``, which lie outside the prefix and are not looked at.
-``load_siglip2`` detects the prefix. The attention-pooling ``head.*`` is not part of the target and is
+Maps transformers-5 ``Siglip2VisionModel`` names (``embeddings.*``, ``encoder.layers.{i}.*``,
+``post_layernorm.*``) onto ``Siglip2VisionModel`` paths: dots become ``/``, ``weight`` becomes
+``kernel`` (transposed; the patch embedding is an nn.Linear over flattened patches), ``scale`` or
+``embedding``, and ``encoder.layers.{i}.*`` fills one array stacked along the leading 'layers' axis.
+The vision model's state_dict and its ``save_pretrained`` files (transformers 5) carry no prefix; the
+Hub's whole-``Siglip2Model`` files (e.g. google/siglip2-so400m-patch16-512) put the same names under
+``vision_model.`` next to ``text_model.*`` and ``logit_*``, which lie outside the prefix and are not
+looked at. ``load`` detects the prefix.
+
+Rule of the table: every weight is mapped exactly once; weights.load_component checks coverage both
+ways before reading any tensor. The attention-pooling ``head.*`` is not part of the target and is
 ignored; anything else missing, unexpected or mis-shaped raises ``weights.CheckpointMismatchError``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from typing import Any
 
-import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 
-from blip3o_jax.models.siglip2 import Siglip2Config
-from blip3o_jax.weights import Rule, export_component, load_component
+from blip3o_jax import sharding, weights
+from blip3o_jax.models.siglip2 import Siglip2Config, Siglip2VisionModel
+from blip3o_jax.weights import Rule
 
 HUB_PREFIX = "vision_model."
 UNUSED = (r"head\.",)  # Siglip2MultiheadAttentionPoolingHead (vision_use_head)
@@ -52,15 +58,26 @@ def detect_prefix(keys) -> str:
     return HUB_PREFIX if any(k.startswith(HUB_PREFIX) for k in keys) else ""
 
 
-def load_siglip2(ckpt, abstract_state: nnx.State, cfg: Siglip2Config, *, prefix: str | None = None) -> nnx.State:
-    """Fills a Siglip2VisionModel state (ShapeDtypeStructs with shardings) from a ``TorchCheckpoint``."""
+def load(
+    ckpt,
+    cfg: Siglip2Config,
+    mesh,
+    rule_table: str = "replicated",
+    *,
+    prefix: str | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    remat: str = "none",
+) -> Siglip2VisionModel:
+    """A Siglip2VisionModel filled from ``ckpt`` (a weights.TorchCheckpoint or a view of one), every
+    tensor streamed into its sharding on ``mesh`` under the rule table ``rule_table``
+    (sharding.RULE_TABLES). ``prefix=None`` detects it."""
     if prefix is None:
         prefix = detect_prefix(ckpt.keys())
     ignore = [re.escape(prefix) + p for p in UNUSED]
-    return load_component(ckpt, rules(cfg), abstract_state, prefix=prefix, ignore=ignore,
-                          where=f"SigLIP2 vision encoder, prefix {prefix!r}")
-
-
-def export_siglip2(state: nnx.State, cfg: Siglip2Config, prefix: str = HUB_PREFIX) -> Iterator[tuple[str, np.ndarray]]:
-    """(torch key, numpy tensor) pairs in transformers' naming (a Siglip2VisionModel without head)."""
-    return export_component(rules(cfg), state, prefix)
+    graphdef, abstract = sharding.abstract_with_shardings(
+        lambda: Siglip2VisionModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=nnx.Rngs(0)),
+        mesh, sharding.rules_for(rule_table))
+    state = weights.load_component(ckpt, rules(cfg), abstract, prefix=prefix, ignore=ignore,
+                                   where=f"SigLIP2 vision encoder, prefix {prefix!r}")
+    return nnx.merge(graphdef, state)
