@@ -9,10 +9,11 @@ BasicTransformerBlock (self-attention, cross-attention, GEGLU), GroupNorm 32.
 
 Layout: activations are NHWC (channels last, the natural TPU/XLA layout); attribute names mirror the
 diffusers module tree (``down_blocks/1/attentions/0/transformer_blocks/attn1/to_q``) so the converter
-(decoder_mapping.py) derives its Rule table mechanically. The transformer blocks inside one
+(unet_mapping.py) derives its Rule table mechanically. The transformer blocks inside one
 Transformer2DModel are stacked along a 'layers' axis and scanned (SDXL has 10 per block at the
 lowest resolution). The building blocks (GroupNorm, Conv, ResnetBlock2D, Attention, up/down
-sampling) are shared with the VAE (vae.py).
+sampling) are shared with the VAE (vae.py); LayerNorm and the attention op are the shared ones of
+models/layers.py and models/attention.py.
 
 Note the diffusers quirk kept here: ``attention_head_dim`` in the UNet config is the *number of heads*
 (``num_attention_heads = num_attention_heads or attention_head_dim``); the head width is channels / heads.
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip3o_jax.models import layers as nn
+from blip3o_jax.models.attention import dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +98,6 @@ class GroupNorm(nnx.Module):
         mean = xg.mean(axis=(1, 2, 4), keepdims=True)
         var = jnp.square(xg - mean).mean(axis=(1, 2, 4), keepdims=True)
         y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
-
-
-class LayerNorm(nnx.Module):
-    """torch.nn.LayerNorm over the last axis, float32 math."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.eps = eps
-        self.scale = nn.param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
-        self.bias = nn.param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
@@ -199,10 +185,7 @@ class Attention(nnx.Module):
         q = self.to_q(x).reshape(b, n, self.heads, hd)
         k = self.to_k(context).reshape(b, context.shape[1], self.heads, hd)
         v = self.to_v(context).reshape(b, context.shape[1], self.heads, hd)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, d)
-        return self.to_out(out)
+        return self.to_out(dot_product_attention(q, k, v).reshape(b, n, d))
 
 
 class Downsample2D(nnx.Module):
@@ -284,11 +267,11 @@ class BasicTransformerBlock(nnx.Module):
 
     def __init__(self, dim, heads, context_dim, eps, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = LayerNorm(dim, eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = nn.LayerNorm(dim, eps, param_dtype=param_dtype, rngs=rngs)
         self.attn1 = Attention(dim, heads, qkv_bias=False, **kw)
-        self.norm2 = LayerNorm(dim, eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = nn.LayerNorm(dim, eps, param_dtype=param_dtype, rngs=rngs)
         self.attn2 = Attention(dim, heads, context_dim, qkv_bias=False, **kw)
-        self.norm3 = LayerNorm(dim, eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm3 = nn.LayerNorm(dim, eps, param_dtype=param_dtype, rngs=rngs)
         self.ff = FeedForward(dim, **kw)
 
     def __call__(self, x, context):

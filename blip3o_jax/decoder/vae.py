@@ -5,7 +5,7 @@ UpDecoderBlock2D of ResnetBlock2D (no time embedding, eps 1e-6), a mid block res
 (single-head attention over all pixels, with bias), ``quant_conv``/``post_quant_conv`` 1x1 convs.
 Images are NHWC in [-1, 1]; latents NHWC with ``latent_channels`` channels. ``encode`` returns the
 posterior mean and log-variance; the pipeline decodes ``latents / scaling_factor``.
-Attribute names mirror diffusers so decoder_mapping.py derives the Rule table mechanically.
+Attribute names mirror diffusers so vae_mapping.py derives the Rule table mechanically.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax.models import layers as nn
+from blip3o_jax.models.attention import dot_product_attention
 from blip3o_jax.sharding import constrain
 
 
@@ -86,42 +87,7 @@ def _check(cfg: DiTConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Small layers (float32 statistics, parameters named like nnx's: scale, bias)
-
-
-class RMSNorm(nnx.Module):
-    """diffusers RMSNorm: x / sqrt(mean(x^2) + eps) * weight, statistics in float32."""
-
-    def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        del rngs
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
-class LayerNorm(nnx.Module):
-    """torch.nn.LayerNorm over the last axis, statistics in float32; ``affine=False`` has no params."""
-
-    def __init__(self, dim: int, eps: float, *, affine: bool = True, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        del rngs
-        self.eps = eps
-        self.affine = affine
-        if affine:
-            self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-            self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
+# Small layers
 
 
 class MLP2(nnx.Module):
@@ -197,20 +163,6 @@ def unpatchify(x: jax.Array, grid: tuple[int, int], p: int) -> jax.Array:
 # Attention
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Unmasked softmax attention with grouped k/v heads: q (B,Lq,Hq,hd), k/v (B,Lk,Hkv,hd) -> (B,Lq,Hq,hd).
-
-    Query head h uses k/v head h // (Hq/Hkv) (diffusers repeats each kv head consecutively).
-    """
-    b, lq, hq, hd = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, lq, hkv, hq // hkv, hd)
-    logits = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, v)
-    return out.reshape(b, lq, hq, hd)
-
-
 class Attention(nnx.Module):
     """diffusers Attention + LuminaAttnProcessor2_0: returns per-head outputs (no output projection)."""
 
@@ -222,8 +174,8 @@ class Attention(nnx.Module):
         self.to_k = nn.linear(d, cfg.n_kv_heads * hd, ("embed", "kv"), **kw)
         self.to_v = nn.linear(d, cfg.n_kv_heads * hd, ("embed", "kv"), **kw)
         if cfg.qk_norm:  # LayerNorm across all heads (the full projected vector), eps 1e-5
-            self.norm_q = LayerNorm(cfg.n_heads * hd, 1e-5, param_dtype=param_dtype, rngs=rngs)
-            self.norm_k = LayerNorm(cfg.n_kv_heads * hd, 1e-5, param_dtype=param_dtype, rngs=rngs)
+            self.norm_q = nn.LayerNorm(cfg.n_heads * hd, 1e-5, param_dtype=param_dtype)
+            self.norm_k = nn.LayerNorm(cfg.n_kv_heads * hd, 1e-5, param_dtype=param_dtype)
         else:
             self.norm_q = self.norm_k = None
         # attn2.to_out.0 is the block's single output projection, shared with self-attention.
@@ -240,7 +192,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, *rope)
         if rope_on_keys:
             k = apply_rope(k, *rope)
-        return _attend(q, k, v)
+        return dot_product_attention(q, k, v)  # all-ones caption mask (reference 5.3)
 
 
 class FeedForward(nnx.Module):
@@ -266,7 +218,7 @@ class RMSNormZero(nnx.Module):
         self.linear = nn.linear(
             cfg.temb_dim, 4 * cfg.dim, (None, "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm = nn.RMSNorm(cfg.dim, cfg.norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x, temb):
         scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(self.linear(jax.nn.silu(temb)), 4, axis=-1)
@@ -278,7 +230,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: DiTConfig, *, dtype, param_dtype, rules=None, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        nkw = dict(param_dtype=param_dtype, rngs=rngs)
+        nkw = dict(param_dtype=param_dtype)
         self.rules = rules
         # Per-head cross-attention gate, zero-initialised: cross-attention starts switched off (5.7).
         self.gate = nnx.Param(jnp.zeros((cfg.n_heads,), param_dtype), out_sharding=(None,))
@@ -286,10 +238,10 @@ class Block(nnx.Module):
         self.attn2 = Attention(cfg, with_out=True, **kw)
         self.feed_forward = FeedForward(cfg, **kw)
         self.norm1 = RMSNormZero(cfg, **kw)
-        self.ffn_norm1 = RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
-        self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
-        self.ffn_norm2 = RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
-        self.norm1_context = RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
+        self.ffn_norm1 = nn.RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
+        self.norm2 = nn.RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
+        self.ffn_norm2 = nn.RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
+        self.norm1_context = nn.RMSNorm(cfg.dim, cfg.norm_eps, **nkw)
 
     def __call__(self, x, c, temb, cos, sin):
         rope = (cos, sin)
@@ -317,7 +269,7 @@ class TimeCaptionEmbed(nnx.Module):
         t = cfg.temb_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.timestep_embedder = MLP2(256, t, t, ((None, "embed"), ("embed", None)), jax.nn.silu, **kw)
-        self.caption_norm = LayerNorm(cfg.dim, 1e-5, param_dtype=param_dtype, rngs=rngs)  # caption_embedder.0
+        self.caption_norm = nn.LayerNorm(cfg.dim, 1e-5, param_dtype=param_dtype)  # caption_embedder.0
         self.caption_linear = nn.linear(cfg.dim, t, ("embed", None), **kw)  # caption_embedder.1
         self.dtype = dtype
 
@@ -334,7 +286,7 @@ class FinalLayer(nnx.Module):
         out = cfg.patch_size * cfg.patch_size * cfg.in_channels
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_1 = nn.linear(cfg.temb_dim, cfg.dim, (None, "embed"), **kw)
-        self.norm = LayerNorm(cfg.dim, 1e-6, affine=False, rngs=rngs)
+        self.norm = nn.LayerNorm(cfg.dim, 1e-6, affine=False)
         self.linear_2 = nn.linear(cfg.dim, out, ("embed", "channels"), **kw)
 
     def __call__(self, h, temb):

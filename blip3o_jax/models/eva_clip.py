@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip3o_jax.models import layers as nn
+from blip3o_jax.models.attention import dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +96,8 @@ class EvaAttention(nnx.Module):
         b, n, _ = x.shape
         # Output columns are [q | k | v], each holding the heads contiguously (reference 8.1).
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * self.head_dim**-0.5, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, self.num_heads * self.head_dim)
-        return self.proj(out)
+        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
 
 
 class EvaMlp(nnx.Module):
@@ -119,21 +117,18 @@ class EvaBlock(nnx.Module):
     """
 
     def __init__(self, cfg: EvaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.postnorm, self.dtype = cfg.postnorm, dtype
-        self.norm1 = nn.layer_norm(cfg.width, cfg.layer_norm_eps, param_dtype, rngs)
+        self.postnorm = cfg.postnorm
+        self.norm1 = nn.LayerNorm(cfg.width, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.attn = EvaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm2 = nn.layer_norm(cfg.width, cfg.layer_norm_eps, param_dtype, rngs)
+        self.norm2 = nn.LayerNorm(cfg.width, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = EvaMlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-    def _norm(self, norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
-        return norm(x.astype(jnp.float32)).astype(self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.postnorm:
-            x = x + self._norm(self.norm1, self.attn(x))
-            return x + self._norm(self.norm2, self.mlp(x))
-        x = x + self.attn(self._norm(self.norm1, x))
-        return x + self.mlp(self._norm(self.norm2, x))
+            x = x + self.norm1(self.attn(x))
+            return x + self.norm2(self.mlp(x))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class EvaPatchEmbed(nnx.Module):

@@ -1,5 +1,5 @@
-"""Small building blocks shared by every model file: annotated linear layers, remat policies, scanned
-layer stacks and dtype helpers.
+"""Small building blocks shared by every model file: annotated linear layers, the RMSNorm and LayerNorm
+every model uses, remat policies, scanned layer stacks and dtype helpers.
 
 Parameter names mirror the PyTorch modules being ported (``kernel`` is a Linear ``weight`` transposed
 to (in, out), ``scale`` a norm ``weight``) so each converter's mapping table stays mechanical.
@@ -61,17 +61,69 @@ def linear(
     )
 
 
-def layer_norm(width: int, eps: float, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """Affine LayerNorm computed in float32 whatever the compute dtype (callers cast back)."""
-    return nnx.LayerNorm(
-        width,
-        epsilon=eps,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)),
-        rngs=rngs,
-    )
+# ---------------------------------------------------------------------------------------------
+# Norms: statistics always in float32; ``cast_before_scale`` picks where the result is rounded to
+# the input dtype, the one place the PyTorch references differ (visible in bfloat16 only: in
+# float32 both orders are the same arithmetic). tests/test_bfloat16.py measures each choice.
+
+
+def _norm_param(rngs: nnx.Rngs | None, init: Callable, dim: int, param_dtype):
+    # With rngs, one key is drawn per parameter, as nnx.LayerNorm and the UNet's norms always did:
+    # the models built with it keep their from-scratch initialisation (the RNG stream) unchanged.
+    value = init(rngs.params() if rngs is not None else None, (dim,), param_dtype)
+    return nnx.Param(value, out_sharding=("norm",))
+
+
+class RMSNorm(nnx.Module):
+    """x / sqrt(mean(x^2) + eps) * scale (torch ``weight``), statistics in float32, output in x's dtype.
+
+    ``cast_before_scale=True`` (default) rounds the normalised x to x's dtype and multiplies by the
+    scale in that dtype: transformers' Qwen2RMSNorm / Qwen2_5_VLRMSNorm
+    (``weight * hidden.to(input_dtype)``) and diffusers' RMSNorm with half-precision weights
+    (``hidden.to(weight.dtype) * weight``), i.e. every RMSNorm of BLIP3-o's references.
+    ``False`` multiplies in float32 and rounds once.
+    """
+
+    def __init__(self, dim: int, eps: float, *, cast_before_scale: bool = True, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs | None = None):
+        self.eps, self.cast_before_scale = eps, cast_before_scale
+        self.scale = _norm_param(rngs, nnx.initializers.ones_init(), dim, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.cast_before_scale:
+            return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+        return (self.scale[...].astype(jnp.float32) * y).astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm over the last axis: two-pass mean/variance in float32, output in x's dtype.
+
+    ``cast_before_scale=False`` (default) applies scale and bias in float32 and rounds once, as
+    torch's LayerNorm kernel does for half inputs (diffusers' LayerNorm is torch's on torch >= 2.1);
+    ``True`` rounds the normalised x first. ``affine=False`` has no parameters (torch
+    ``elementwise_affine=False``).
+    """
+
+    def __init__(self, dim: int, eps: float, *, affine: bool = True, cast_before_scale: bool = False,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        self.eps, self.affine, self.cast_before_scale = eps, affine, cast_before_scale
+        if affine:
+            self.scale = _norm_param(rngs, nnx.initializers.ones_init(), dim, param_dtype)
+            self.bias = _norm_param(rngs, nnx.initializers.zeros_init(), dim, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if not self.affine:
+            return y.astype(x.dtype)
+        if self.cast_before_scale:
+            dt = x.dtype
+            return y.astype(dt) * self.scale[...].astype(dt) + self.bias[...].astype(dt)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None], dtype=jnp.float32):

@@ -15,7 +15,7 @@ Module layout mirrors the PyTorch checkpoint so the mapping table (qwen_mapping.
       lm_head     absent when tie_word_embeddings           <- lm_head.weight
 
 Decoder blocks are stacked along a leading 'layers' axis (nn.stack_layers) and run with ``lax.scan``. Two forward paths
-share the blocks: ``hidden_states`` (whole sequences, causal + padding mask) and ``forward_cached``
+share the blocks: ``hidden_states`` (whole sequences, causal, padding keys masked) and ``forward_cached``
 (writes keys/values into a preallocated cache; used by blip3o_jax.decode for generation).
 """
 
@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax.models import layers as nn
+from blip3o_jax.models.attention import dot_product_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,20 +89,6 @@ def _check_text_config(cfg: QwenTextConfig) -> int:
     return head_dim
 
 
-class RMSNorm(nnx.Module):
-    """Qwen RMSNorm: normalise in float32, scale by ``scale`` (torch ``weight``), return in ``dtype``."""
-
-    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.eps = eps
-        self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (self.scale[...].astype(jnp.float32) * x32).astype(self.dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Multimodal RoPE
 
@@ -144,22 +131,6 @@ def text_position_ids(attention_mask: jax.Array) -> jax.Array:
 # Decoder block
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), mask (B, Lq, Lk) bool.
-
-    Query head h reads key/value head h // (Hq/Hkv) (transformers' repeat_kv order). Scores and softmax
-    in float32. Rows with no visible key (left padding) get a uniform softmax instead of NaN.
-    """
-    b, lq, hq, d = q.shape
-    hkv = k.shape[2]
-    q = q.reshape(b, lq, hkv, hq // hkv, d)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
-    return out.reshape(b, lq, hq * d)
-
-
 class Attention(nnx.Module):
     def __init__(self, cfg: QwenTextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.head_dim = _check_text_config(cfg)
@@ -172,9 +143,10 @@ class Attention(nnx.Module):
         self.v_proj = nn.linear(h, kv, ("embed", "kv"), **kw)
         self.o_proj = nn.linear(h, h, ("heads", "embed"), use_bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, visible: dict, cache=None, cache_index=None):
         """x (B, L, H). Without cache: attends within x. With cache (k, v each (B, S, Hkv, D)): writes
-        this chunk's keys/values at slots [cache_index, cache_index + L) and attends over all S slots."""
+        this chunk's keys/values at slots [cache_index, cache_index + L) and attends over all S slots.
+        ``visible``: the masking arguments of dot_product_attention (causal, positions, segment ids)."""
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
@@ -186,7 +158,7 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             cache = (k, v)
-        return self.o_proj(attention(q, k, v, mask)), cache
+        return self.o_proj(dot_product_attention(q, k, v, **visible).reshape(b, l, -1)), cache
 
 
 class MLP(nnx.Module):
@@ -205,13 +177,13 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: QwenTextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.self_attn = Attention(cfg, rngs=rngs, **kw)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
+    def __call__(self, x, cos, sin, visible: dict, cache=None, cache_index=None):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache, cache_index)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
@@ -238,21 +210,20 @@ class QwenTextModel(nnx.Module):
         self.layers = nn.stack_layers(
             lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.num_hidden_layers, rngs
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.norm = nn.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def rope(self, position_ids):
         return mrope_cos_sin(position_ids, self.head_dim, self.cfg.rope_theta, self.cfg.mrope_section)
 
     def __call__(self, inputs_embeds, attention_mask, position_ids):
         """Final-norm hidden states (B, L, H). attention_mask (B, L) (1 = real token), positions (3, B, L)."""
-        length = inputs_embeds.shape[1]
-        valid = jnp.asarray(attention_mask).astype(bool)
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = causal[None] & valid[:, None, :]
+        # Padding keys are invisible (segment -1); every query is in segment 0, as transformers masks
+        # keys only.
+        visible = dict(causal=True, kv_segment_ids=jnp.where(jnp.asarray(attention_mask) > 0, 0, -1))
         cos, sin = self.rope(position_ids)
         x, _ = nn.scan_blocks(
             self.layers, inputs_embeds.astype(self.dtype), remat=self.remat,
-            block_call=lambda block, h, _: (block(h, cos, sin, mask)[0], None),
+            block_call=lambda block, h, _: (block(h, cos, sin, visible)[0], None),
         )
         return self.norm(x)
 
@@ -263,14 +234,19 @@ class QwenTextModel(nnx.Module):
         the slots of this chunk (and earlier real tokens). Returns (final-norm states (B, L, H), cache).
         """
         length = inputs_embeds.shape[1]
-        slots = jnp.arange(cache["valid"].shape[1])
-        query_slots = cache_index + jnp.arange(length)
-        mask = cache["valid"][:, None, :] & (slots[None, None, :] <= query_slots[None, :, None])
+        # Causal over cache slots (the chunk sits at [cache_index, cache_index + L)); unwritten or
+        # padding slots are segment -1, so a key is visible iff it is valid and not after the query.
+        visible = dict(
+            causal=True,
+            q_positions=cache_index + jnp.arange(length),
+            kv_positions=jnp.arange(cache["valid"].shape[1]),
+            kv_segment_ids=jnp.where(cache["valid"], 0, -1),
+        )
         cos, sin = self.rope(position_ids)
 
         x, (k, v) = nn.scan_blocks(
             self.layers, inputs_embeds.astype(self.dtype), (cache["k"], cache["v"]),
-            block_call=lambda block, h, kv: block(h, cos, sin, mask, kv, cache_index),
+            block_call=lambda block, h, kv: block(h, cos, sin, visible, kv, cache_index),
         )
         return self.norm(x), dict(cache, k=k, v=v)
 
@@ -431,7 +407,6 @@ __all__ = [
     "QwenVisionConfig",
     "QwenTextModel",
     "Qwen2_5_VL",
-    "RMSNorm",
     "mrope_cos_sin",
     "apply_rope",
     "text_position_ids",

@@ -12,18 +12,19 @@ Attention layout. transformers reorders the tokens so every 112x112-pixel window
 runs its variable-length kernels over ``cu_window_seqlens`` (window blocks) or ``cu_seqlens``
 (full-attention blocks: one segment per image frame), then undoes the order after the merger. Here
 every token instead carries two segment ids computed on the host from the static ``grid_thw``: its
-window and its image frame. Attention uses the block-diagonal mask ``seg[q] == seg[k]``. Attention with
-such a mask is permutation-equivariant, and every other op is per token (RoPE uses each token's own
-(h, w) position) or per 2x2 merge block (which the window reordering moves as a unit), so skipping the
-reorder gives the same result with no gathers and fixed shapes under jit. Cost: the dense mask is
-O(N^2) per layer; for BLIP3-o's 448x448 images (N = 1024 patches) attention is ~12% of a block's FLOPs,
-but very large images (the released max_pixels allows N = 16384) would need a windowed kernel.
+window and its image frame, passed to ``dot_product_attention`` (a token sees the tokens of its own
+segment). Attention restricted to segments is permutation-equivariant, and every other op is per token
+(RoPE uses each token's own (h, w) position) or per 2x2 merge block (which the window reordering moves
+as a unit), so skipping the reorder gives the same result with no gathers and fixed shapes under jit.
+Cost: the XLA attention path is dense, O(N^2) per layer; for BLIP3-o's 448x448 images (N = 1024
+patches) attention is ~12% of a block's FLOPs, but very large images (the released max_pixels allows
+N = 16384) need a segment-aware kernel behind dot_product_attention.
 
-Layers are stacked and scanned; a layer counter in the scan carry picks the window or the full mask
-per layer (``fullatt_block_indexes``), so one compiled block serves both kinds.
+Layers are stacked and scanned; a layer counter in the scan carry picks the window or the frame
+segment ids per layer (``fullatt_block_indexes``), so one compiled block serves both kinds.
 
-Parameters mirror the PyTorch names (``VISION_RULES`` is the mapping, torch keys relative to
-``visual.``). The patch embedding is a Conv3d whose kernel equals its stride, i.e. a matmul over one
+Parameters mirror the PyTorch names (the mapping, torch keys relative to ``visual.``, is
+qwen_vision_mapping.py). The patch embedding is a Conv3d whose kernel equals its stride, i.e. a matmul over one
 flattened patch; it is kept as an ``nnx.Conv`` kernel in (t, h, w, I, O) layout so weights.py's
 "conv3d" transform maps the torch weight (O, I, t, h, w).
 """
@@ -38,35 +39,12 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax.models import layers as nn
+from blip3o_jax.models.attention import dot_product_attention
 from blip3o_jax.models.qwen2_5_vl import QwenVisionConfig
-from blip3o_jax.weights import Rule
 
 # Base of the axial vision RoPE: fixed by the architecture, absent from the released config.json
 # (transformers' Qwen2_5_VLVisionConfig default).
 VISION_ROPE_THETA = 10000.0
-
-# PyTorch key (relative to ``visual.`` in 4.51 checkpoints / ``model.visual.`` in transformers 5) ->
-# NNX path of QwenVisionTower.
-VISION_RULES: tuple[Rule, ...] = (
-    Rule("patch_embed.proj.weight", "patch_embed/proj/kernel", "conv3d"),
-    Rule("blocks.{i}.norm1.weight", "blocks/norm1/scale"),
-    Rule("blocks.{i}.norm2.weight", "blocks/norm2/scale"),
-    Rule("blocks.{i}.attn.qkv.weight", "blocks/attn/qkv/kernel", "linear"),
-    Rule("blocks.{i}.attn.qkv.bias", "blocks/attn/qkv/bias"),
-    Rule("blocks.{i}.attn.proj.weight", "blocks/attn/proj/kernel", "linear"),
-    Rule("blocks.{i}.attn.proj.bias", "blocks/attn/proj/bias"),
-    Rule("blocks.{i}.mlp.gate_proj.weight", "blocks/mlp/gate_proj/kernel", "linear"),
-    Rule("blocks.{i}.mlp.gate_proj.bias", "blocks/mlp/gate_proj/bias"),
-    Rule("blocks.{i}.mlp.up_proj.weight", "blocks/mlp/up_proj/kernel", "linear"),
-    Rule("blocks.{i}.mlp.up_proj.bias", "blocks/mlp/up_proj/bias"),
-    Rule("blocks.{i}.mlp.down_proj.weight", "blocks/mlp/down_proj/kernel", "linear"),
-    Rule("blocks.{i}.mlp.down_proj.bias", "blocks/mlp/down_proj/bias"),
-    Rule("merger.ln_q.weight", "merger/ln_q/scale"),
-    Rule("merger.mlp.0.weight", "merger/mlp/layers/0/kernel", "linear"),
-    Rule("merger.mlp.0.bias", "merger/mlp/layers/0/bias"),
-    Rule("merger.mlp.2.weight", "merger/mlp/layers/2/kernel", "linear"),
-    Rule("merger.mlp.2.bias", "merger/mlp/layers/2/bias"),
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,19 +99,6 @@ def vision_layout(grid_thw: np.ndarray, cfg: QwenVisionConfig) -> dict[str, np.n
 # Modules
 
 
-class RMSNorm(nnx.Module):
-    """Qwen2_5_VLRMSNorm: normalise in float32, cast back, then scale (in that order, as torch)."""
-
-    def __init__(self, dim: int, eps: float, *, dtype=jnp.float32, param_dtype=jnp.float32):
-        self.eps, self.dtype = eps, dtype
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
-
-
 class PatchEmbed(nnx.Module):
     """Conv3d with kernel = stride = (2, 14, 14) over each flattened processor patch, no bias."""
 
@@ -182,21 +147,20 @@ def apply_rotary(x, cos, sin):
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d = cfg.hidden_size
-        self.num_heads, self.head_dim, self.dtype = cfg.num_heads, d // cfg.num_heads, dtype
+        self.num_heads, self.head_dim = cfg.num_heads, d // cfg.num_heads
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.qkv = nn.linear(d, 3 * d, ("embed", "heads"), **kw)  # fused [q; k; v] as in torch
         self.proj = nn.linear(d, d, ("heads", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, segment_ids):
+        """x (N, D); a token attends to the tokens with its segment id (its window or its frame)."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * self.head_dim**-0.5
-        scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, self.num_heads * self.head_dim)
-        return self.proj(out)
+        seg = segment_ids[None]
+        out = dot_product_attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg)
+        return self.proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
 class VisionMLP(nnx.Module):
@@ -216,13 +180,13 @@ class VisionMLP(nnx.Module):
 class VisionBlock(nnx.Module):
     def __init__(self, cfg: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.norm1 = nn.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.norm2 = nn.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.attn = VisionAttention(cfg, rngs=rngs, **kw)
         self.mlp = VisionMLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segment_ids):
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
         return x + self.mlp(self.norm2(x))
 
 
@@ -232,7 +196,7 @@ class PatchMerger(nnx.Module):
     def __init__(self, cfg: QwenVisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.width = cfg.hidden_size * cfg.spatial_merge_size**2
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.ln_q = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.ln_q = nn.RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         # Indices 0 and 2 as in torch's nn.Sequential(Linear, GELU, Linear).
         self.mlp = nnx.Sequential(
             nn.linear(self.width, self.width, ("embed", "mlp"), **kw),
@@ -282,8 +246,7 @@ class QwenVisionTower(nnx.Module):
 
         def block_call(block, carry, segments, full_attention, cos, sin):
             h, layer = carry
-            seg = segments[full_attention[layer]]
-            return block(h, cos, sin, seg[:, None] == seg[None, :]), layer + 1
+            return block(h, cos, sin, segments[full_attention[layer]]), layer + 1
 
         x, _ = nn.scan_layers(
             self.blocks,
