@@ -62,14 +62,14 @@ def write_checkpoint(path: str, preset: str) -> dict:
     import numpy as np
     from flax import nnx
 
-    from blip3o_jax import convert, weights
+    from blip3o_jax import conversion, weights
     from blip3o_jax.models import blip3o as model_lib
 
     cfg = synthetic_config(preset)
     mcfg = model_lib.Blip3oConfig.from_config(cfg)
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: model_lib.Blip3o(mcfg, rngs=nnx.Rngs(0)))
-    expected = weights.expected_torch_keys(convert.model_rules(mcfg), nnx.state(abstract, nnx.Param))
+    expected = weights.expected_torch_keys(conversion.model_rules(mcfg), nnx.state(abstract, nnx.Param))
     shapes = {k: e[3] for k, e in expected.items()}
     rng = np.random.default_rng(0)
 
@@ -79,7 +79,7 @@ def write_checkpoint(path: str, preset: str) -> dict:
 
     weights.save_safetensors_sharded(tensors(), path, max_shard_bytes=1 << 30)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(convert.hf_config(cfg), f, indent=1)
+        json.dump(conversion.hf_config(cfg), f, indent=1)
     sizes = [int(np.prod(s)) * 4 for s in shapes.values()]
     return dict(checkpoint_bytes=sum(sizes), largest_tensor_bytes=max(sizes), tensors=len(sizes))
 

@@ -3,11 +3,11 @@ Usage: PYTHONPATH=. .venv/bin/python benchmarks/dit_head.py  (prints JAX/PyTorch
 import os, time, statistics
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import tests.torch_shim  # noqa
-import numpy as np, jax, jax.numpy as jnp, optax, torch
+import numpy as np, jax, optax, torch
 from flax import nnx
 from blip3o_jax.models import flow
 from blip3o_jax.models.dit import DiT, DiTConfig
-from tests.test_dit import build_reference, reference_velocity
+from tests.references.dit import build_reference
 
 cfg = DiTConfig(input_size=8, in_channels=256, dim=256, n_layers=4, n_heads=8, n_kv_heads=8, latent_embedding_size=256)
 B, NQ = 16, 64

@@ -6,7 +6,7 @@ For each config, one set of random-weight PyTorch modules is built (transformers
 LuminaNextDiT2DModel + caption MLP, diffusers UNet2DConditionModel + AutoencoderKL +
 EulerDiscreteScheduler), written as a released-layout checkpoint directory with a diffusion-decoder/
 folder, and loaded by ``inference.Pipeline`` (the code path of ``python -m blip3o_jax.generate``).
-The PyTorch reference pipeline runs the same steps with the same modules (reference 3.1 / 7 / 9:
+The PyTorch reference pipeline runs the same steps with the same modules (docs/model.md 3.1 / 7 / 9:
 [IMG] + queries after the prompt, final-norm states, DiT Euler loop with CFG batch [uncond, cond],
 decoder Euler loop with CFG batch [cond, uncond], VAE decode); both use negative features computed
 once beforehand (cached in both pipelines), float32, batch 1, sdpa attention; PyTorch is timed at
@@ -32,17 +32,15 @@ import tests.torch_shim  # noqa: E402,F401  (lets transformers / diffusers impor
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from blip3o_jax import convert, inference  # noqa: E402
+from blip3o_jax import checkpoints, inference  # noqa: E402
+from blip3o_jax.models import dit_mapping  # noqa: E402
 from blip3o_jax.models.dit import DiTConfig  # noqa: E402
-from tests.test_convert import _read_dir, _write_dir  # noqa: E402
-from tests.test_dit import build_reference, reference_state_dict  # noqa: E402
-from tests.test_inference import tiny_tokenizer  # noqa: E402
-from tests.test_qwen_text import EOS, IMAGE, PAD, V_END, V_START, VIDEO, flat_config  # noqa: E402
+from tests.references.blip3o import GEN_START, read_dir, tiny_tokenizer, write_dir  # noqa: E402
+from tests.references.decoder import EULER  # noqa: E402
+from tests.references.dit import build_reference, reference_state_dict  # noqa: E402
+from tests.references.qwen import EOS, IMAGE, PAD, V_END, V_START, VIDEO, flat_config  # noqa: E402
 
-GEN_START = 104
 PROMPT = "a small red circle at the top left"
-EULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-             prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, interpolation_type="linear")
 
 CONFIGS = {
     # the test-suite sizes: 16 px images
@@ -97,7 +95,7 @@ def build(name: str, root: str):
     qwen = Qwen2_5_VLForConditionalGeneration(qcfg).eval()
     qdir = os.path.join(root, "qwen")
     qwen.save_pretrained(qdir)
-    tensors = _read_dir(qdir)
+    tensors = read_dir(qdir)
     dcfg = spec["dit"]
     dit, cap = build_reference(dcfg, seed=1)
     tensors.update(reference_state_dict(dit, cap))
@@ -106,9 +104,9 @@ def build(name: str, root: str):
     with open(os.path.join(qdir, "config.json")) as f:
         config = flat_config(json.load(f))
     config.update(model_type="blip3o_qwen", n_query=spec["n_query"], gen_start_token_id=GEN_START,
-                  dit_config={k: getattr(dcfg, k) for k in convert.DIT_JSON_FIELDS} | {"ffn_dim_multiplier": None})
+                  dit_config={k: getattr(dcfg, k) for k in dit_mapping.JSON_FIELDS} | {"ffn_dim_multiplier": None})
     path = os.path.join(root, "ckpt")
-    _write_dir(path, tensors, config, shard_bytes=1 << 30)
+    write_dir(path, tensors, config, shard_bytes=1 << 30)
     tiny_tokenizer().save_pretrained(path)
 
     c = dcfg.in_channels
@@ -120,7 +118,7 @@ def build(name: str, root: str):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * nb,
                         up_block_types=("UpDecoderBlock2D",) * nb, layers_per_block=1, latent_channels=4,
                         sample_size=u["sample_size"] * 2 ** (nb - 1), scaling_factor=0.13025, **spec["vae"]).eval()
-    dec = os.path.join(path, inference.DECODER_DIR)
+    dec = os.path.join(path, checkpoints.DECODER_DIR)
     unet.save_pretrained(os.path.join(dec, "unet"))
     vae.save_pretrained(os.path.join(dec, "vae"))
     EulerDiscreteScheduler(**EULER).save_pretrained(os.path.join(dec, "scheduler"))
@@ -130,7 +128,7 @@ def build(name: str, root: str):
 
 
 class TorchPipeline:
-    """The reference pipeline of reference 3.1 steps 2-8 with the same modules (batch 1)."""
+    """The reference pipeline of docs/model.md 3.1 steps 2-8 with the same modules (batch 1)."""
 
     def __init__(self, m, size: int):
         from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina

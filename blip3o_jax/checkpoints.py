@@ -1,24 +1,69 @@
-"""Orbax checkpoints of a training run: trainable parameters, optimizer state, step and RNG (one
-pytree), the data-iterator state and the config (JSON), saved asynchronously every
-``checkpoint_every`` steps, keeping the newest ``keep_checkpoints``.
+"""Every directory layout this project reads or writes, in one place.
 
-A SIGTERM (or JAX's preemption notice on TPU/GPU clusters) makes the run save at the next step
-boundary and exit cleanly; restarting the same command resumes from the newest checkpoint. Restores go
-through abstract arrays that carry the *current* run's shardings, so a checkpoint written on one mesh
-restores onto any other.
+**A model checkpoint** (what ``convert`` writes, what a finished training stage leaves in
+``WORKDIR/params``, what the demo leaves in its WORKDIR; ``generate / understand / eval --checkpoint``
+and ``train.init_from`` read it)::
+
+    DIR/config.json          the project config (configlib schema, as a dict)
+    DIR/params/              the Orbax parameter tree (nested dict, ``backbone/model/...``)
+    DIR/tokenizer.json ...   optional: the tokenizer / processor files (TOKENIZER_FILES)
+    DIR/diffusion-decoder/   optional: the pixel decoder, Orbax form (params/ + config.json) or the
+                             released diffusers form (unet/ vae/ scheduler/)
+    DIR/pipeline.json        optional: the checkpoint's inference defaults (decoder negative, image
+                             sizes of the understanding path), read by ``inference.Pipeline``
+
+**A PyTorch directory** in the released layout (contract 3) is read through ``blip3o_jax.conversion``
+wherever a model checkpoint is accepted: ``config.json`` + safetensors, tokenizer files and
+``diffusion-decoder/`` beside them.
+
+**A training run's WORKDIR**: ``checkpoints/`` (RunCheckpointer: trainable parameters, optimizer state,
+step and RNG as one pytree, the data-iterator state and the config as JSON, saved asynchronously every
+``checkpoint_every`` steps, keeping the newest ``keep_checkpoints``) and, when finished, ``params/``
+(a model checkpoint). A SIGTERM (or JAX's preemption notice on TPU/GPU clusters) makes the run save at
+the next step boundary and exit cleanly; restarting the same command resumes from the newest
+checkpoint. Restores go through abstract arrays that carry the *current* run's shardings, so a
+checkpoint written on one mesh restores onto any other.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from blip3o_jax import configlib, conversion, sharding
+from blip3o_jax.decoder import mapping as decoder_mapping
+from blip3o_jax.decoder import scheduler as sched_lib
+from blip3o_jax.decoder.pixel_decoder import Decoder
+from blip3o_jax.decoder.unet import UNet2DConditionModel, UNetConfig
+from blip3o_jax.decoder.vae import AutoencoderKL, VAEConfig
+from blip3o_jax.models import blip3o as model_lib
+from blip3o_jax.weights import CheckpointMismatchError
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+DECODER_DIR = "diffusion-decoder"
+PIPELINE_FILE = "pipeline.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
+                   "preprocessor_config.json")
+# What pipeline.json may hold (inference.Pipeline keyword arguments).
+PIPELINE_KEYS = ("negative", "und_image_size", "min_pixels", "max_pixels")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory misses something a requested path needs (the message says what to do)."""
 
 
 class PreemptionWatcher:
@@ -89,16 +134,13 @@ class RunCheckpointer:
 def save_params(path: str, params: Any, config: dict | None = None) -> None:
     """A standalone parameter checkpoint (the output of ``blip3o_jax.convert`` and of a finished stage):
     ``path/params`` holds the model's parameters as a plain nested dict (``backbone/model/...``)."""
-    from flax import nnx
-
     path = os.path.abspath(path)
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "params"), params, force=True)
-    if config is not None and jax.process_index() == 0:
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config, f, indent=1)
+        ckptr.save(os.path.join(path, PARAMS_DIR), params, force=True)
+    if config is not None:
+        write_config(path, config)
 
 
 def restore_params(path: str, abstract_params: Any) -> Any:
@@ -109,11 +151,7 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     keys are read. A key the target needs but the checkpoint lacks, or a shape that differs, raises
     ``weights.CheckpointMismatchError`` naming every such key.
     """
-    from flax import nnx
-
-    from blip3o_jax.weights import CheckpointMismatchError
-
-    path = os.path.join(os.path.abspath(path), "params")
+    path = os.path.join(os.path.abspath(path), PARAMS_DIR)
     state = abstract_params if isinstance(abstract_params, nnx.State) else None
     like = nnx.to_pure_dict(state) if state is not None else abstract_params
     # Orbax stores dict keys as strings; list-like NNX containers have integer keys.
@@ -162,3 +200,231 @@ def _keys_like(tree: Any, like: Any) -> Any:
     if isinstance(like, dict):
         return {k: _keys_like(tree[str(k)], v) for k, v in like.items()}
     return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Model checkpoints
+
+
+def is_model_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isdir(os.path.join(path, PARAMS_DIR)) and os.path.exists(os.path.join(path, CONFIG_FILE))
+
+
+def model_dir(path: str | os.PathLike) -> str:
+    """``path`` itself, or ``path/params`` for a finished training run's WORKDIR (whose ``params/`` holds
+    a ``params/`` tree of its own)."""
+    path = os.path.abspath(os.fspath(path))
+    inner = os.path.join(path, PARAMS_DIR)
+    return inner if os.path.isdir(os.path.join(inner, PARAMS_DIR)) else path
+
+
+def write_config(path: str, config: dict | ml_collections.ConfigDict) -> None:
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=1)
+
+
+def read_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The project config of a model checkpoint, or of a PyTorch directory (from its config.json)."""
+    path = model_dir(path)
+    if is_model_checkpoint(path):
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            return configlib.from_dict(json.load(f))
+    return conversion.TorchDirectory(path).config()
+
+
+def save_model(path: str, model: nnx.Module, config: ml_collections.ConfigDict | dict) -> None:
+    """A model checkpoint of ``model`` (every parameter) with its project config."""
+    save_params(path, nnx.state(model, nnx.Param), config.to_dict() if hasattr(config, "to_dict") else config)
+
+
+def load_model(path: str | os.PathLike, dtype: Any | None = None, mesh: jax.sharding.Mesh | None = None, *,
+               allow_pickle: bool = False, progress: bool = False) -> tuple[model_lib.Blip3o, ml_collections.ConfigDict]:
+    """(``Blip3o``, its project config) from a model checkpoint (or a finished run's WORKDIR) or a
+    PyTorch directory (converted on the fly). ``dtype`` None keeps the stored parameter dtype (float32
+    for PyTorch directories)."""
+    path = model_dir(path)
+    mesh = mesh or conversion.default_mesh()
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not is_model_checkpoint(path):
+        model = conversion.load_torch(path, jnp.float32 if dtype is None else dtype, mesh, allow_pickle=allow_pickle,
+                                      progress=progress)
+        cfg = conversion.TorchDirectory(path, allow_pickle=allow_pickle).config(
+            model.cfg.param_dtype, model.cfg.target_encoder != "none")
+        return model, cfg
+    cfg = read_config(path)
+    if dtype is not None:
+        cfg.model.dtype = cfg.model.param_dtype = jnp.dtype(dtype).name
+    graphdef, abstract = model_lib.abstract_model(cfg, mesh)
+    return nnx.merge(graphdef, restore_params(path, abstract)), cfg
+
+
+def restore_into(model: model_lib.Blip3o, path: str | os.PathLike) -> None:
+    """Parameter-only initialisation in place (``train.init_from``) from a model checkpoint, a finished
+    run's WORKDIR or a PyTorch directory: arrays land in the shardings and dtypes the model already has.
+
+    A checkpoint of another generation head (its config.json names another ``model.gen_head`` /
+    ``model.denoiser``, e.g. the released DiT for a model that tries a new denoiser) initialises
+    everything but the head, which keeps its initialisation (logged)."""
+    path = model_dir(path)
+    if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        conversion.load_into(model, path)
+        return
+    state = nnx.state(model, nnx.Param)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    stored = read_config(path).model if os.path.exists(os.path.join(path, CONFIG_FILE)) else None
+    if stored is None or (stored.gen_head, stored.denoiser) == (model.cfg.gen_head, model.cfg.denoiser):
+        nnx.update(model, restore_params(path, abstract))  # a parameter tree needs no config to restore into
+        return
+    logging.warning("%s holds a %s/%s generation head; this model's %s/%s head keeps its initialisation", path,
+                    stored.gen_head, stored.denoiser, model.cfg.gen_head, model.cfg.denoiser)
+    target = nnx.to_pure_dict(abstract)
+    target.pop("gen_head")
+    restored = restore_params(path, target)
+    restored["gen_head"] = nnx.to_pure_dict(state)["gen_head"]
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and inference defaults
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def load_tokenizer(path: str):
+    """A tokenizer.json file, or a folder with the Hugging Face tokenizer files (local only)."""
+    # Deliberately lazy: transformers costs seconds to import and is needed only when text is tokenized.
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if os.path.isfile(path):
+        return PreTrainedTokenizerFast(tokenizer_file=path)
+    if not has_tokenizer(path):
+        raise CheckpointError(
+            f"no tokenizer in {path}: copy the checkpoint's tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, ...) there (python -m blip3o_jax.convert does) or pass --tokenizer PATH")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def copy_tokenizer(src: str, dst: str) -> list[str]:
+    """Copies the tokenizer / processor files of ``src`` (those present) into ``dst``."""
+    done = []
+    os.makedirs(dst, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            done.append(name)
+    return done
+
+
+def write_pipeline_defaults(path: str, **values) -> None:
+    unknown = set(values) - set(PIPELINE_KEYS)
+    if unknown:
+        raise ValueError(f"{PIPELINE_FILE}: unknown keys {sorted(unknown)}; allowed: {list(PIPELINE_KEYS)}")
+    if jax.process_index() == 0:
+        with open(os.path.join(path, PIPELINE_FILE), "w") as f:
+            json.dump(values, f, indent=1)
+
+
+def pipeline_defaults(path: str) -> dict:
+    """The checkpoint's inference defaults: ``pipeline.json`` if present, and the image processor's pixel
+    limits from a ``preprocessor_config.json`` (Qwen2.5-VL processor names)."""
+    out: dict = {}
+    pre_file = os.path.join(path, "preprocessor_config.json")
+    if os.path.exists(pre_file):
+        with open(pre_file) as f:
+            pre = json.load(f)
+        size = pre.get("size") or {}
+        for key, alt in (("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge")):
+            if pre.get(key) or size.get(alt):
+                out[key] = int(pre.get(key) or size.get(alt))
+    file = os.path.join(path, PIPELINE_FILE)
+    if os.path.exists(file):
+        with open(file) as f:
+            values = json.load(f)
+        unknown = set(values) - set(PIPELINE_KEYS)
+        if unknown:
+            raise CheckpointError(f"{file}: unknown keys {sorted(unknown)}; allowed: {list(PIPELINE_KEYS)}")
+        out.update(values)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The pixel decoder (``DIR/diffusion-decoder``)
+
+
+def _dataclass(cls, values: dict):
+    """A frozen config dataclass from JSON values (lists back to tuples so it stays hashable)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def save_decoder(decoder: Decoder, path: str) -> None:
+    """Orbax form of a decoder: ``path/params`` ({'unet': ..., 'vae': ...}) + ``path/config.json``."""
+    params = {"unet": nnx.to_pure_dict(nnx.state(decoder.unet, nnx.Param))}
+    if decoder.vae is not None:
+        params["vae"] = nnx.to_pure_dict(nnx.state(decoder.vae, nnx.Param))
+    config = {"unet": dataclasses.asdict(decoder.unet.cfg),
+              "vae": dataclasses.asdict(decoder.vae.cfg) if decoder.vae is not None else None,
+              "scheduler": dataclasses.asdict(decoder.scheduler), "pixel_patch": decoder.pixel_patch}
+    save_params(path, params, config)
+
+
+def is_decoder_dir(path: str) -> bool:
+    """A decoder folder in the Orbax form or the diffusers form."""
+    return is_model_checkpoint(path) or os.path.exists(os.path.join(path, "unet", "config.json"))
+
+
+def _load_orbax_decoder(path: str, mesh, rule_table: str, dtype: Any) -> Decoder:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        config = json.load(f)
+    kw = {} if dtype is None else dict(dtype=dtype, param_dtype=dtype)
+    tables = sharding.rules_for(rule_table)
+    ucfg = _dataclass(UNetConfig, config["unet"])
+    unet_def, unet_abs = sharding.abstract_with_shardings(
+        lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(0), **kw), mesh, tables)
+    target = {"unet": unet_abs}
+    vae_def = None
+    if config.get("vae"):
+        vcfg = _dataclass(VAEConfig, config["vae"])
+        vae_def, target["vae"] = sharding.abstract_with_shardings(
+            lambda: AutoencoderKL(vcfg, rngs=nnx.Rngs(0), **kw), mesh, tables)
+    restored = restore_params(path, {k: nnx.to_pure_dict(v) for k, v in target.items()})
+    for name, state in target.items():
+        nnx.replace_by_pure_dict(state, restored[name])
+    return Decoder(nnx.merge(unet_def, target["unet"]),
+                   nnx.merge(vae_def, target["vae"]) if vae_def is not None else None,
+                   _dataclass(sched_lib.SchedulerConfig, config.get("scheduler") or {}),
+                   int(config.get("pixel_patch", 1)))
+
+
+def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = None) -> Decoder:
+    """A decoder folder in diffusers layout (``unet/``, ``vae/``, ``scheduler/``) or its Orbax form;
+    ``dtype`` None keeps the stored one."""
+    if os.path.exists(os.path.join(path, "unet", "config.json")):
+        kw = {} if dtype is None else dict(dtype=dtype, param_dtype=dtype)
+        unet, vae, sched = decoder_mapping.load_decoder(path, mesh, rule_table, **kw)
+        return Decoder(unet, vae, sched)
+    if is_model_checkpoint(path):
+        return _load_orbax_decoder(path, mesh, rule_table, dtype)
+    raise CheckpointError(f"{path}: not a decoder folder (expected unet/ + vae/ + scheduler/ in diffusers layout, "
+                          "or params/ + config.json written by blip3o_jax.convert)")
+
+
+def copy_companions(src: str, dst: str, dtype: Any = None) -> list[str]:
+    """What ``generate`` / ``understand`` need beside the model: the tokenizer / processor files are
+    copied and ``SRC/diffusion-decoder/`` (diffusers layout) is converted to its Orbax form in
+    ``DST/diffusion-decoder/``. Returns what was written."""
+    done = copy_tokenizer(src, dst)
+    decoder_src = os.path.join(src, DECODER_DIR)
+    if os.path.isdir(decoder_src):
+        decoder = load_decoder(decoder_src, conversion.host_mesh(), dtype=dtype)
+        save_decoder(decoder, os.path.join(dst, DECODER_DIR))
+        done.append(DECODER_DIR + "/")
+    return done

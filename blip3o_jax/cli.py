@@ -26,7 +26,9 @@ import textwrap
 import types
 from collections.abc import Callable, Iterable, Sequence
 
-from absl import flags
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
 
 HELP_ARGS = frozenset({"-h", "--help", "--helpshort", "--helpfull"})
 DTYPES = ("float32", "bfloat16")
@@ -87,8 +89,6 @@ def define_convert_flags(fv: flags.FlagValues) -> None:
 
 
 def define_config_flag(example: str) -> None:
-    from ml_collections import config_flags  # not at import: the checkpoint commands never need it
-
     config_flags.DEFINE_config_file("config", None, f"Config file, e.g. {example}.")
 
 
@@ -100,8 +100,6 @@ def define_distributed_flag() -> None:
 
 def setup_logging() -> None:
     """Our progress lines (logging.info) to stdout; absl/Orbax/JAX chatter only from WARNING up."""
-    from absl import logging as absl_logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout, force=True)
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -116,8 +114,6 @@ def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None]
     """Parses ``argv`` (default ``sys.argv[1:]``) with the flags ``define`` adds to a fresh FlagValues;
     returns their values by name, dashes as underscores (``args.num_images``). ``--help`` prints ``doc``
     and the flags and exits 0; a bad, missing or unknown flag raises ``absl.app.UsageError``."""
-    from absl import app
-
     argv = list(sys.argv[1:] if argv is None else argv)
     fv = flags.FlagValues()
     define(fv)
@@ -159,9 +155,6 @@ def run(main: Callable[[list[str]], object], *, own_flags: bool = False) -> None
 
     ``own_flags``: ``main(argv)`` parses ``sys.argv[1:]`` itself (``parse``); otherwise ``main`` is an
     absl main over the global FLAGS."""
-    from absl import app
-    from absl import logging as absl_logging
-
     module = sys.modules[main.__module__]
     prog = getattr(module.__spec__, "name", None) or sys.argv[0]
     if not own_flags and (HELP_ARGS - {"--helpfull"}) & set(sys.argv[1:]):  # --helpfull: absl's

@@ -5,6 +5,11 @@
 that exist. The model sections are generated from the component dataclasses (``DiTConfig``,
 ``EvaConfig``, ...), so a component's config fields are defined in exactly one place, its model file.
 
+The generation head's sections come from the head registry (blip3o_jax/models/heads.py): every
+registered velocity network ``NAME`` gets ``model.NAME`` (``model.dit`` for the released DiT), every
+head with a config of its own gets ``model.HEAD`` (``model.mse``), and the choices of
+``model.gen_head`` / ``model.denoiser`` are the registered names. Nothing here names a head.
+
 ``validate(config, num_devices)`` checks types, choices and cross-field constraints (heads dividing
 widths, widths agreeing between components, the mesh matching the device count) and raises
 ``ConfigError`` naming the offending key and what is allowed.
@@ -18,23 +23,31 @@ from typing import Any
 
 import ml_collections
 
-from blip3o_jax.models.dit import DiTConfig
-from blip3o_jax.models.eva_clip import EvaConfig
-from blip3o_jax.models.qwen2_5_vl import QwenTextConfig, QwenVisionConfig
-from blip3o_jax.models.siglip2 import Siglip2Config
 from blip3o_jax.decoder.unet import UNetConfig
+from blip3o_jax.models import heads
+from blip3o_jax.models.eva_clip import EvaConfig
+from blip3o_jax.models.qwen2_5_vl import QwenTextConfig
+from blip3o_jax.models.qwen_vision import QwenVisionConfig
+from blip3o_jax.models.siglip2 import Siglip2Config
+from blip3o_jax.sharding import resolve_mesh_shape
 
 COMPONENT_CONFIGS = {
     "llm": QwenTextConfig,
     "vision": QwenVisionConfig,
-    "dit": DiTConfig,
     "eva": EvaConfig,
     "siglip2": Siglip2Config,
-    "decoder": UNetConfig,  # the diffusion decoder: target tokens -> pixels (reference 9)
+    "decoder": UNetConfig,  # the diffusion decoder: target tokens -> pixels (docs/model.md 9)
+    # The generation head's sections, from the registry.
+    **{name: spec.config for name, spec in heads.VELOCITY_NETS.items()},
+    **{name: spec.config for name, spec in heads.HEADS.items() if spec.config is not None},
 }
 
+assert len(COMPONENT_CONFIGS) == 5 + len(heads.VELOCITY_NETS) + sum(h.config is not None for h in heads.HEADS.values()), \
+    "a registered head or velocity network shares its name with another config section"
+
 CHOICES = {
-    "model.gen_head": ("flow", "mse"),
+    "model.gen_head": tuple(heads.HEADS),
+    "model.denoiser": tuple(heads.VELOCITY_NETS),
     "model.target_encoder": ("eva_clip", "siglip2", "none"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
@@ -65,6 +78,55 @@ def component(cfg: ml_collections.ConfigDict, name: str):
     return cls(**values)
 
 
+def head_section(cfg: ml_collections.ConfigDict) -> str:
+    """The ``model.*`` section that configures the active generation head (``dit`` for the released one)."""
+    return heads.config_section(cfg.model.gen_head, cfg.model.denoiser)
+
+
+def head_config(cfg: ml_collections.ConfigDict):
+    """The frozen config dataclass of the active generation head (or of its velocity network)."""
+    return component(cfg, head_section(cfg))
+
+
+def from_dict(values: dict | None = None) -> ml_collections.ConfigDict:
+    """``base_config()`` updated with a (possibly partial) config dict, e.g. one stored beside Orbax params.
+    Lists become tuples where the schema has tuples; ints become floats where it has floats."""
+    cfg = base_config()
+    if values:
+        _update_nested(cfg, _migrate(values))
+    return cfg
+
+
+def _migrate(values: dict) -> dict:
+    """Configs stored before the head registry: the 'mse' head read its sizes from ``model.dit``; they
+    now live in its own section ``model.mse`` (the 'flow' head's ``model.dit`` and its parameter paths
+    ``gen_head/dit/...`` did not change)."""
+    m = values.get("model") or {}
+    if m.get("gen_head") == "mse" and "mse" not in m and "dit" in m:
+        values = {**values, "model": {**m, "mse": {k: m["dit"][k] for k in ("input_size", "in_channels",
+                                                                           "latent_embedding_size", "dim")
+                                                   if k in m["dit"]}}}
+    return values
+
+
+def assign(section: ml_collections.ConfigDict, values: dict) -> None:
+    """Assigns values into a locked section, converting JSON types to the schema's."""
+    for key, value in values.items():
+        if isinstance(section[key], tuple) and isinstance(value, list):
+            value = tuple(value)
+        if isinstance(section[key], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        section[key] = value
+
+
+def _update_nested(cfg: ml_collections.ConfigDict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(cfg[key], ml_collections.ConfigDict):
+            _update_nested(cfg[key], value)
+        else:
+            assign(cfg, {key: value})
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every key with its default: the released 8B model and the paper's generation pre-training."""
     c = ml_collections.ConfigDict()
@@ -82,13 +144,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.vision_start_token_id = 151652
     c.model.vision_end_token_id = 151653
     c.model.pad_token_id = 151643
-    c.model.gen_head = "flow"  # flow: CLIP + flow matching (the DiT); mse: queries regress targets
+    c.model.gen_head = "flow"  # flow: CLIP + flow matching; mse: queries regress targets (models/heads.py)
+    c.model.denoiser = "dit"  # the flow head's velocity network; its config is section model.<denoiser>
     c.model.target_encoder = "eva_clip"
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.remat = "full"
 
-    # Flow matching (reference 6, 7).
+    # Flow matching (docs/model.md 6, 7).
     c.flow = ml_collections.ConfigDict()
     c.flow.num_train_timesteps = 1000
     c.flow.shift = 1.0
@@ -98,7 +161,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Device mesh: one axis may be -1 (= all remaining devices).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # One logical-axis rule table per component (blip3o_jax.sharding.RULE_TABLES).
+    # One logical-axis rule table per component (blip3o_jax.sharding.RULE_TABLES); ``dit`` is the table of
+    # the generation head (whichever is registered) and the latent queries.
     c.sharding = ml_collections.ConfigDict(dict(llm="fsdp", vision="fsdp", dit="fsdp", target="fsdp"))
 
     c.data = ml_collections.ConfigDict()
@@ -225,13 +289,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         _require(value in allowed, key, f"{value!r} is not one of {list(allowed)}")
 
     m = cfg.model
-    llm, vis, dit, eva, sig = m.llm, m.vision, m.dit, m.eva, m.siglip2
+    llm, vis, eva, sig = m.llm, m.vision, m.eva, m.siglip2
     positive = [
         "llm.hidden_size", "llm.num_hidden_layers", "llm.num_attention_heads", "llm.num_key_value_heads",
         "llm.vocab_size", "llm.intermediate_size", "vision.depth", "vision.hidden_size", "vision.num_heads",
-        "dit.dim", "dit.n_layers", "dit.n_heads", "dit.n_kv_heads", "dit.input_size", "dit.patch_size",
-        "dit.in_channels", "eva.width", "eva.layers", "eva.head_width", "eva.patch_size", "eva.image_size",
+        "eva.width", "eva.layers", "eva.head_width", "eva.patch_size", "eva.image_size",
     ]
+    # Every positive-by-nature integer of the registered head sections (widths, counts, sizes).
+    positive += [f"{name}.{f.name}" for name in (*heads.VELOCITY_NETS, *(h for h in heads.HEADS if heads.HEADS[h].config))
+                 for f in dataclasses.fields(COMPONENT_CONFIGS[name])
+                 if f.type in ("int", int) and f.name not in ("multiple_of",)]
     for key in positive:
         _require(_get(m, key) > 0, "model." + key, f"must be > 0, got {_get(m, key)}")
     _require(m.n_query > 0, "model.n_query", f"must be > 0, got {m.n_query}")
@@ -248,15 +315,12 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
              f"{vis.num_heads} heads do not divide hidden_size {vis.hidden_size}")
     _require(vis.out_hidden_size == llm.hidden_size, "model.vision.out_hidden_size",
              f"{vis.out_hidden_size} must equal model.llm.hidden_size {llm.hidden_size}")
-    _require(dit.dim % dit.n_heads == 0, "model.dit.n_heads", f"{dit.n_heads} heads do not divide dim {dit.dim}")
-    _require(dit.n_heads % dit.n_kv_heads == 0, "model.dit.n_kv_heads",
-             f"{dit.n_kv_heads} must divide n_heads {dit.n_heads}")
-    _require((dit.dim // dit.n_heads) % 4 == 0, "model.dit.n_heads",
-             f"head_dim {dit.dim // dit.n_heads} must be a multiple of 4 for the 2-D RoPE")
-    _require(dit.input_size % dit.patch_size == 0, "model.dit.patch_size",
-             f"{dit.patch_size} must divide input_size {dit.input_size}")
-    _require(dit.latent_embedding_size == llm.hidden_size, "model.dit.latent_embedding_size",
-             f"{dit.latent_embedding_size} must equal model.llm.hidden_size {llm.hidden_size}")
+    section = head_section(cfg)
+    head = component(cfg, section)
+    for field, problem in heads.check(m.gen_head, m.denoiser, head):
+        raise ConfigError(f"config key 'model.{section}.{field}': {problem}")
+    _require(head.latent_embedding_size == llm.hidden_size, f"model.{section}.latent_embedding_size",
+             f"{head.latent_embedding_size} must equal model.llm.hidden_size {llm.hidden_size}")
     _require(eva.width % eva.head_width == 0, "model.eva.head_width",
              f"{eva.head_width} does not divide width {eva.width}")
     _require(eva.image_size % eva.patch_size == 0, "model.eva.patch_size",
@@ -279,24 +343,23 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
         _require(dec.in_channels == dec.out_channels == 3 * p * p, "model.decoder.in_channels",
                  f"in/out channels {dec.in_channels}/{dec.out_channels} must be 3 * demo.decoder_pixel_patch**2 "
                  f"= {3 * p * p} (RGB pixels packed {p}x{p})")
-    n_tokens = (dit.input_size // dit.patch_size) ** 2
     if m.target_encoder == "eva_clip":
         _require(eva.pooling.startswith("early_pool2d_"), "model.eva.pooling",
                  f"{eva.pooling!r} is not one of ['early_pool2d_K']")
         k = int(eva.pooling.rsplit("_", 1)[1])
         grid = eva.image_size // eva.patch_size
         _require(grid % k == 0, "model.eva.pooling", f"pool {k} must divide the {grid}x{grid} token grid")
-        _require((grid // k) == dit.input_size, "model.dit.input_size",
-                 f"{dit.input_size} must equal the pooled EVA grid {grid // k}")
-        _require(dit.in_channels == eva.width, "model.dit.in_channels",
-                 f"{dit.in_channels} must equal model.eva.width {eva.width} (the target features)")
+        _require(head.num_tokens == (grid // k) ** 2, f"model.{section}.input_size",
+                 f"{head.num_tokens} target tokens must equal the pooled EVA grid {grid // k}x{grid // k}")
+        _require(head.in_channels == eva.width, f"model.{section}.in_channels",
+                 f"{head.in_channels} must equal model.eva.width {eva.width} (the target features)")
     elif m.target_encoder == "siglip2":
         _require(math.isqrt(sig.num_pooled_tokens) ** 2 == sig.num_pooled_tokens, "model.siglip2.num_pooled_tokens",
                  f"{sig.num_pooled_tokens} must be a square number")
-        _require(sig.num_pooled_tokens == n_tokens, "model.dit.input_size",
-                 f"{n_tokens} DiT tokens must equal model.siglip2.num_pooled_tokens {sig.num_pooled_tokens}")
-        _require(dit.in_channels == sig.hidden_size, "model.dit.in_channels",
-                 f"{dit.in_channels} must equal model.siglip2.hidden_size {sig.hidden_size}")
+        _require(sig.num_pooled_tokens == head.num_tokens, f"model.{section}.input_size",
+                 f"{head.num_tokens} target tokens must equal model.siglip2.num_pooled_tokens {sig.num_pooled_tokens}")
+        _require(head.in_channels == sig.hidden_size, f"model.{section}.in_channels",
+                 f"{head.in_channels} must equal model.siglip2.hidden_size {sig.hidden_size}")
 
     for key in ("train.num_steps", "train.grad_accum", "train.log_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "data.global_batch_size", "data.max_length",
@@ -313,8 +376,6 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
              f"must be >= 0, got {cfg.precompute.batch_size}")
 
     if num_devices is not None:
-        from blip3o_jax.sharding import resolve_mesh_shape
-
         try:
             shape = resolve_mesh_shape(cfg.mesh, num_devices)
         except ValueError as e:

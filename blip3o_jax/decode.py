@@ -1,6 +1,6 @@
 """Autoregressive text generation for the Qwen2.5-VL backbone with a preallocated KV cache.
 
-Used by image understanding (reference 3.2: greedy decoding of the answer after an image + question
+Used by image understanding (docs/model.md 3.2: greedy decoding of the answer after an image + question
 prompt). The whole loop is one jitted function: a prefill over the prompt, then ``lax.while_loop``
 decode steps that each feed one token. To compile once per (batch, prompt bucket, max_new_tokens),
 prompts are left-aligned into a fixed bucket length (padding on the left, masked out), and the cache

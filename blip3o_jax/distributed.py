@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
+
 # Environment variables of the explicit launch (the JAX_COORDINATOR_ADDRESS name is JAX's own).
 COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
 NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
@@ -63,7 +65,7 @@ def _on_cloud_tpu_vm() -> bool:
     # and never fires on CPU/GPU machines). JAX sets cloud_tpu_init.running_in_cloud_tpu_vm only once
     # the backend starts, which is too late here.
     try:
-        from jax._src import hardware_utils
+        from jax._src import hardware_utils  # private: guarded, see the except clause
 
         chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
     except (ImportError, AttributeError, OSError):  # a future jax may move it; --distributed still works
@@ -76,8 +78,6 @@ def maybe_initialize(requested: bool | None = None) -> bool:
 
     Must run before anything touches devices (jax.devices(), array creation, jit). Idempotent.
     """
-    import jax
-
     kind = detect()
     if requested is False or (requested is None and kind is None):
         return False

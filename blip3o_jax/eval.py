@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 
 from absl import app, flags
 
-from blip3o_jax import cli
+from blip3o_jax import cli, inference
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -41,8 +41,6 @@ def geneval(pipe, metadata: Sequence[dict], out_dir: str, *, n_samples: int = 4,
             start: int = 0, end: int | None = None, skip_existing: bool = True) -> list[str]:
     """Writes OUT/{index:05d}/metadata.jsonl + samples/{k:04d}.png for prompts [start, end); returns
     the folders written. Every prompt's n_samples images are one batch (one compilation overall)."""
-    from blip3o_jax import inference
-
     written = []
     end = len(metadata) if end is None else min(end, len(metadata))
     for index in range(start, end):
@@ -73,8 +71,6 @@ def normalize_answer(text: str) -> str:
 def vqa_accuracy(pipe, items: Iterable[dict], *, max_new_tokens: int = 16, base_dir: str = "") -> dict:
     """Exact-match accuracy of ``pipe.understand`` over items {"image": path or PIL/uint8 image,
     "question", "answer"}. Returns {"accuracy", "n", "predictions": [{question, answer, prediction}]}."""
-    from blip3o_jax import inference
-
     predictions, correct = [], 0
     for item in items:
         image = item["image"]
@@ -119,8 +115,6 @@ def main(argv=None) -> dict:
             raise SystemExit(0)
         raise app.UsageError(f"the first argument is the task, one of {sorted(TASKS)}; got {task!r}")
     args = cli.parse(argv[1:], TASKS[task], __doc__)
-    from blip3o_jax import inference
-
     start = time.time()
     common = dict(mesh=inference.inference_mesh(args.devices), **cli.checkpoint_kwargs(args))
     if task == "geneval":

@@ -1,4 +1,4 @@
-"""``python -m blip3o_jax.generate``: text (or image) -> image (contract section 1; reference 3.1, 3.3).
+"""``python -m blip3o_jax.generate``: text (or image) -> image (contract section 1; docs/model.md 3.1, 3.3).
 
     python -m blip3o_jax.generate --checkpoint DIR --prompt "a red circle" --out out.png
     python -m blip3o_jax.generate --checkpoint DIR --prompt A --prompt B --num-images 4 --seed 7 --out out.png
@@ -10,9 +10,9 @@
 released layout (converted on the fly) or a demo workdir (inference.Pipeline.from_checkpoint).
 Prompts are batched (``--batch-size`` images per compiled call); with several output images, FILE.png
 becomes FILE_000.png, FILE_001.png, ... (prompt-major: prompt p, sample k -> index p * K + k).
-``--image`` conditions the generator on an input image (reference 3.3a; ``<image>`` in the prompt
+``--image`` conditions the generator on an input image (docs/model.md 3.3a; ``<image>`` in the prompt
 marks where it goes, default prompt "<image>\\nPlease reconstruct the given image.");
-``--autoencode`` skips the LLM: target encoder -> decoder (reference 3.3b).
+``--autoencode`` skips the LLM: target encoder -> decoder (docs/model.md 3.3b).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 import numpy as np
 from absl import flags
 
-from blip3o_jax import cli
+from blip3o_jax import cli, inference
 
 
 def output_paths(out: str, n: int) -> list[str]:
@@ -52,8 +52,6 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv=None) -> list[str]:
     args = cli.parse(argv, define_flags, __doc__)
-    from blip3o_jax import inference
-
     prompts = list(args.prompt)
     if args.prompts_file:
         with open(args.prompts_file) as f:

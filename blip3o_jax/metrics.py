@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 
 class MetricsWriter:
@@ -24,8 +25,8 @@ class MetricsWriter:
         path = os.path.join(workdir, "metrics.jsonl")
         _drop_rows_after(path, initial_step)  # rows a killed run logged after its last checkpoint
         self._jsonl = open(path, "a")
+        # Deliberately lazy: tensorboardX imports torch whenever it is installed (the dev environment).
         from tensorboardX import SummaryWriter
-        from tqdm import tqdm
 
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the BLIP3-o recipe (reference section 11).
+"""Optimizer and learning-rate schedule of the BLIP3-o recipe (docs/model.md 11).
 
 AdamW with linear warmup over ``warmup_ratio`` of the steps, then cosine decay to ``min_learning_rate``
 (stage 1, ``cosine_with_min_lr``), to 0 (stage 2, ``cosine``) or constant; gradient clipping by global
@@ -47,9 +47,6 @@ def optimizer_shardings(tx, params, mesh):
     """Shardings for ``tx.init(params)``: every per-parameter moment like its parameter, scalars (step
     counts) replicated. Pass them as ``out_shardings`` of the jitted ``tx.init``: without them XLA has
     nothing to propagate from (zeros do not depend on the parameters) and replicates the moments."""
-    import jax
-    import optax
-
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
                                  jax.tree.map(lambda x: x.sharding, params),

@@ -49,9 +49,19 @@ import math
 import sys
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from absl import flags
+from flax import nnx
+from jax.experimental import topologies
 
+from blip3o_jax import cli, configlib, optim, sharding
 from blip3o_jax import flops as flops_lib
+from blip3o_jax.models import blip3o as model_lib
+from blip3o_jax.models import heads
+from blip3o_jax.models.layers import dtype_of
 
 GiB = 1024**3
 USABLE_FRACTION = 0.9
@@ -114,11 +124,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def abstract_parameters(cfg):
     """(abstract Blip3o module, {parameter path: PartitionSpec}) without allocating anything."""
-    from flax import nnx
-
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax import sharding
-
     mcfg = model_lib.Blip3oConfig.from_config(cfg)
     with nnx.use_eager_sharding(False):
         module = nnx.eval_shape(lambda: model_lib.Blip3o(mcfg, rngs=nnx.Rngs(0)))
@@ -136,9 +141,6 @@ def _shard_elements(shape: tuple[int, ...], spec, mesh: dict[str, int]) -> int:
 
 
 def _paths(state) -> dict[str, Any]:
-    import jax
-    from flax import nnx
-
     leaves = jax.tree_util.tree_leaves_with_path(
         state, is_leaf=lambda x: isinstance(x, (nnx.Variable, jax.sharding.PartitionSpec)))
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): v for p, v in leaves}
@@ -189,11 +191,6 @@ class Plan:
 
 def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=None) -> dict:
     """Counts per component and per-device bytes of parameters, gradients and AdamW state."""
-    from flax import nnx
-
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax.models.layers import dtype_of
-
     if module is None:
         module, specs = abstract_parameters(cfg)
     trainable = set(_paths(nnx.state(module, model_lib.stage_trainable(cfg, stage))))
@@ -257,20 +254,11 @@ def _stack(layers, tokens, width, kv_width, ffn, heads, kv_len, *, policy, act_b
     return layers * tokens * ((width + el) * act_bytes + f32 * 4), working
 
 
-def _dit_ffn(d) -> int:
-    hidden = int(2 * 4 * d.dim / 3)
-    if d.ffn_dim_multiplier:
-        hidden = int(d.ffn_dim_multiplier * hidden)
-    return d.multiple_of * -(-hidden // d.multiple_of)
-
-
 def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) -> float:
-    from blip3o_jax.models.layers import dtype_of
-
     m, t = cfg.model, mesh["tensor"]
     act = np.dtype(dtype_of(m.dtype)).itemsize
     kw = dict(policy=m.remat, act_bytes=act, tensor=t)
-    llm, d, eva = m.llm, m.dit, m.eva
+    llm, eva = m.llm, m.eva
     head_dim = llm.hidden_size // llm.num_attention_heads
     seq = cfg.data.max_length
     llm_args = (llm.num_hidden_layers, micro_batch * seq, llm.hidden_size, 2 * llm.num_key_value_heads * head_dim,
@@ -283,9 +271,10 @@ def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) 
 
     if stage in ("generation", "instruction", "joint"):
         add(_stack(*llm_args, **kw))  # the queries' gradient flows back through the whole backbone
-        n_img = (d.input_size // d.patch_size) ** 2
-        add(_stack(d.n_layers, micro_batch * (n_img + m.n_query), d.dim, 2 * d.dim * d.n_kv_heads // d.n_heads,
-                   _dit_ffn(d), d.n_heads, n_img + m.n_query, **kw))
+        shape = heads.activation_shape(m.gen_head, m.denoiser, configlib.head_config(cfg), m.n_query)
+        if shape is not None:  # the head says what its stack keeps per sample (heads.Shape)
+            add(_stack(shape.layers, micro_batch * shape.kv_len, shape.width, shape.kv_width, shape.ffn, shape.heads,
+                       shape.kv_len, **kw))
         if m.target_encoder == "eva_clip":
             tokens = (eva.image_size // eva.patch_size) ** 2 + 1
             add(_stack(eva.layers, micro_batch * tokens, eva.width, 2 * eva.width, int(eva.width * eva.mlp_ratio),
@@ -307,9 +296,6 @@ def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) 
 
 def make_plan(cfg, mesh: dict[str, int], device: str, *, stage: str | None = None, mfu: float = 0.4,
               config_name: str = "", module=None, specs=None, step_flops: float | None = None) -> Plan:
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax.models.layers import dtype_of
-
     stage = stage or (cfg.train.stage if cfg.train.stage not in ("pipeline", "decoder") else "generation")
     kind, peak, hbm, _ = device_spec(device)
     n = math.prod(mesh.values())
@@ -366,8 +352,6 @@ def tpu_topology(slice_name: str):
         return None, f"{slice_name!r} is not a TPU slice in TOPOLOGIES"
     name, chip_config = TOPOLOGIES[slice_name.lower()]
     try:
-        from jax.experimental import topologies
-
         return topologies.get_topology_desc(topology_name=name, platform="tpu", chip_config_name=chip_config,
                                             chips_per_host_bounds=(2, 2, 1), num_slices=1), ""
     except Exception as e:  # noqa: BLE001  (libtpu missing, or this jax cannot describe TPUs)
@@ -377,13 +361,6 @@ def tpu_topology(slice_name: str):
 def compile_train_step(cfg, stage: str, mesh) -> dict:
     """AOT-compiles one training step (gradient + AdamW update, as train.py does) with abstract,
     sharded inputs on ``mesh``; returns XLA's memory analysis in bytes per device."""
-    import jax
-    import optax
-    from flax import nnx
-
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax import optim
-
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
     module = nnx.merge(graphdef, abstract)
     graphdef, trainable, frozen = nnx.split(module, model_lib.stage_trainable(cfg, stage), ...)
@@ -413,11 +390,6 @@ def compile_train_step(cfg, stage: str, mesh) -> dict:
 
 def abstract_batch(cfg, stage: str, mesh) -> dict:
     """ShapeDtypeStructs of a generation batch (the fields data/samples.GenerationTransform produces)."""
-    import jax
-    import jax.numpy as jnp
-
-    from blip3o_jax import sharding
-
     if stage not in ("generation", "instruction"):
         raise NotImplementedError("AOT compilation is implemented for the generation stages")
     b, length, size = cfg.data.global_batch_size, cfg.data.max_length, cfg.data.image_size
@@ -480,10 +452,6 @@ def table(cfg, slices: list[str], config_name: str, **kwargs) -> str:
 
 def main(argv: list[str]) -> None:
     del argv
-    from absl import flags
-
-    from blip3o_jax import configlib
-
     f = flags.FLAGS
     cfg = f.config
     configlib.validate(cfg)
@@ -506,10 +474,6 @@ def main(argv: list[str]) -> None:
 
 
 def _aot(cfg, plan: Plan, device: str, local: bool) -> dict | None:
-    import jax
-
-    from blip3o_jax import sharding
-
     if local:
         if plan.num_devices > jax.device_count():
             print(f"AOT compile skipped: mesh needs {plan.num_devices} devices, {jax.device_count()} available "
@@ -532,10 +496,6 @@ def _aot(cfg, plan: Plan, device: str, local: bool) -> dict | None:
 
 
 def _define_flags():
-    from absl import flags
-
-    from blip3o_jax import cli
-
     cli.define_config_flag("configs/blip3o_8b.py")
     flags.DEFINE_string("mesh", "auto", "data=A,fsdp=B,tensor=C, or 'auto' (needs a slice name as --device).")
     flags.DEFINE_string("device", "v5p-64", f"device kind {sorted(DEVICES)} or slice {sorted(SLICES)}.")
@@ -549,8 +509,6 @@ def _define_flags():
 
 def run() -> None:
     """``python -m blip3o_jax.plan`` and the ``blip3o-plan`` console script."""
-    from blip3o_jax import cli
-
     _define_flags()
     cli.run(main)
 

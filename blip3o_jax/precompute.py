@@ -1,4 +1,4 @@
-"""Runs the frozen target encoder once over a data set and stores its features (reference 3.4, 8, 11).
+"""Runs the frozen target encoder once over a data set and stores its features (docs/model.md 3.4, 8, 11).
 
     python -m blip3o_jax.precompute --config configs/NAME.py --out DIR [--config.KEY=VALUE ...]
 
@@ -44,19 +44,27 @@ Every process must run the same command (as for training); each writes only its 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import json
 import logging
 import math
 import os
 import sys
-from typing import Any
 
+import grain
+import jax
 import numpy as np
+from absl import app, flags
+from array_record.python.array_record_module import ArrayRecordWriter
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from blip3o_jax import checkpoints, cli, configlib, distributed, sharding
+from blip3o_jax.data import pipeline
 from blip3o_jax.data import samples as samples_lib
 from blip3o_jax.data import sources as sources_lib
+from blip3o_jax.models import blip3o as model_lib
 
 VERSION = 1
 SPEC_FILE = "precompute_spec.json"
@@ -64,61 +72,6 @@ SPEC_FILE = "precompute_spec.json"
 
 def shard_name(chunk: int, num_chunks: int) -> str:
     return f"features-{chunk:05d}-of-{num_chunks:05d}.array_record"
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker side: raw record -> preprocessed image (+ prompt tokens)
-
-
-class _Selected:
-    """The records ``indices`` of a source, in that order (a Grain random-access source)."""
-
-    def __init__(self, source, indices: np.ndarray):
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.source[int(self.indices[int(i)])]
-
-
-@dataclasses.dataclass
-class PrecomputeTransform:
-    """raw record -> {key, caption, meta, target_image[, input_ids, attention_mask, query_start]} or
-    ``samples.skip(reason)``, with the validity rules and preprocessing of training
-    (``samples.GenerationTransform``). Prompt tokens only when a tokenizer is given (condition states)."""
-
-    image_size: int
-    target_encoder: str
-    tokenizer: Any = None
-    max_length: int = 0
-    n_query: int = 0
-    ids: samples_lib.SpecialIds = samples_lib.SpecialIds()
-    prompt: str = "training"  # config.data.generation_prompt
-
-    def __post_init__(self):
-        from blip3o_jax.data import preprocess
-
-        self.preprocessor = preprocess.for_encoder(self.target_encoder, self.image_size)
-
-    def __call__(self, record: dict) -> dict:
-        caption = record.get("caption")
-        if not record.get("error") and (caption is None or not caption.strip()):
-            return samples_lib.skip(samples_lib.MISSING_CAPTION, record["key"])
-        image = samples_lib.decode_record_image(record)
-        if isinstance(image, dict):
-            return image
-        meta = record.get("meta") or {}
-        out = {"key": record["key"], "caption": caption,
-               "meta": json.dumps(meta, sort_keys=True, default=str) if meta else None,
-               "target_image": self.preprocessor(image)}
-        if self.tokenizer is not None:
-            tokens = samples_lib.generation_tokens(self.tokenizer, caption, max_length=self.max_length,
-                                                   n_query=self.n_query, ids=self.ids, prompt=self.prompt)
-            out.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                       query_start=tokens["query_start"])
-        return out
 
 
 def _host_batch(elements: list[dict], batch_size: int, image_size: int, max_length: int | None,
@@ -145,11 +98,6 @@ def _host_batch(elements: list[dict], batch_size: int, image_size: int, max_leng
 def _encode_fn(graphdef, mesh, with_condition: bool):
     """Jitted (state, global batch) -> {"target_features"[, "condition"]}, batch-sharded like the input
     so each process can take back exactly the rows it fed in."""
-    import jax
-    from flax import nnx
-
-    from blip3o_jax import sharding
-
     def encode(state, batch):
         model = nnx.merge(graphdef, state)
         out = {"target_features": model.target_features(batch["target_image"])}
@@ -161,22 +109,14 @@ def _encode_fn(graphdef, mesh, with_condition: bool):
 
 
 def _to_host(x, mesh) -> np.ndarray:
-    import jax
-
     if jax.process_count() == 1:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, x.sharding.spec))
 
 
 def _max_over_processes(value: int) -> int:
-    import jax
-
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
@@ -204,7 +144,7 @@ def _spec(cfg, source, num_records: int, num_chunks: int) -> dict:
         "with_condition": p.with_condition,
     }
     if p.with_condition:
-        spec["condition_prompt"] = {"form": "training (reference 4.4)", "tokenizer": cfg.data.tokenizer,
+        spec["condition_prompt"] = {"form": "training (docs/model.md 4.4)", "tokenizer": cfg.data.tokenizer,
                                     "max_length": cfg.data.max_length, "n_query": m.n_query,
                                     "llm": m.llm.to_dict()}
     return json.loads(json.dumps(spec))  # tuples -> lists, as read back from the file
@@ -235,8 +175,6 @@ def _record_bytes(element: dict, features: np.ndarray, condition: np.ndarray | N
 
 def _write_chunk(out_dir: str, name: str, records: list[bytes], stats: dict) -> None:
     """The ArrayRecord file appears (rename) only once complete; its counts are written just before."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     path = os.path.join(out_dir, name)
     tmp = f"{path}.tmp{os.getpid()}"
     writer = ArrayRecordWriter(tmp, "group_size:1")
@@ -279,13 +217,6 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
     ``model`` overrides the one built from the config (tests reuse one); ``stop_after_chunks`` stops
     after that many chunks of this process, as an interruption would.
     """
-    import jax
-    from flax import nnx
-
-    from blip3o_jax import checkpoints, sharding
-    from blip3o_jax.data import pipeline
-    from blip3o_jax.models import blip3o as model_lib
-
     p = cfg.precompute
     if cfg.model.target_encoder == "none":
         raise ValueError("config.model.target_encoder is 'none': there is no target encoder to precompute")
@@ -344,15 +275,13 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
     store_dtype = np.dtype(jax.numpy.bfloat16) if p.feature_dtype == "bfloat16" else np.dtype(np.float32)
 
     # ---- Reading: the pending chunks' records, in order, decoded in worker processes -------------
-    import grain
-
     indices = np.concatenate([np.arange(*bounds(c)) for c in pending] or [np.zeros((0,), np.int64)])
-    transform = PrecomputeTransform(size, cfg.model.target_encoder, tokenizer if with_condition else None,
+    transform = samples_lib.PrecomputeTransform(size, cfg.model.target_encoder, tokenizer if with_condition else None,
                                     cfg.data.max_length, cfg.model.n_query,
                                     samples_lib.SpecialIds.from_config(cfg.model), cfg.data.generation_prompt)
     elements = iter(())
     if len(indices):
-        ds = grain.MapDataset.source(_Selected(source, indices)).map(transform)
+        ds = grain.MapDataset.source(samples_lib.SelectedRecords(source, indices)).map(transform)
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2 * local_batch))
         if cfg.data.num_workers > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.data.num_workers,
@@ -366,8 +295,6 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
 
     bar = None
     if progress and pi == 0:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(indices), desc="precompute", unit="rec", file=sys.stderr)
     max_length = cfg.data.max_length if with_condition else None
     pad_id = cfg.model.pad_token_id
@@ -400,8 +327,6 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
         elements.close()
 
     if pc > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("blip3o_jax.precompute: chunks written")
     if pi != 0:
         return None
@@ -420,10 +345,6 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
 def run() -> None:
     """``python -m blip3o_jax.precompute`` and the ``blip3o-precompute`` console script."""
     # Flags are defined here, not at import, so tests can import this module beside blip3o_jax.train.
-    from absl import app, flags
-
-    from blip3o_jax import cli
-
     cli.define_config_flag("configs/demo.py or configs/blip3o_8b.py")
     flags.DEFINE_string("out", None, "Output directory (ArrayRecord shards + manifest.json); re-run to resume.")
     flags.DEFINE_string("data_dir", None, "Where the synthetic demo set is written if config.data names it "
@@ -434,10 +355,6 @@ def run() -> None:
 
     def main(argv):
         del argv
-        import jax
-
-        from blip3o_jax import configlib, distributed
-
         cli.setup_logging()
         distributed.maybe_initialize(FLAGS.distributed)  # before anything touches devices
         try:
@@ -450,8 +367,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    # Through the package module, so the transform pickled for worker processes is
-    # blip3o_jax.precompute.PrecomputeTransform rather than a class of __main__.
-    from blip3o_jax import precompute as _module
-
-    _module.run()
+    run()

@@ -15,9 +15,16 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
+import jax.numpy as jnp
+import optax
 from absl import app, flags
+from flax import nnx
 
-from blip3o_jax import cli
+from blip3o_jax import checkpoints, cli, configlib, distributed, flops, metrics, optim, sharding
+from blip3o_jax.data import pipeline
+from blip3o_jax.demo import stages as demo
+from blip3o_jax.models import blip3o as model_lib
 
 FLAGS = flags.FLAGS
 cli.define_config_flag("configs/demo.py or configs/demo.py:smoke")
@@ -28,13 +35,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv: list[str]) -> None:
     del argv
-    import jax
-
-    from blip3o_jax import configlib
-
     cli.setup_logging()
-    from blip3o_jax import distributed
-
     distributed.maybe_initialize(FLAGS.distributed)  # before anything touches devices
     cfg = FLAGS.config
     try:
@@ -44,8 +45,6 @@ def main(argv: list[str]) -> None:
     workdir = os.path.abspath(FLAGS.workdir)
     os.makedirs(workdir, exist_ok=True)
     if cfg.train.stage == "pipeline":
-        from blip3o_jax.demo import stages as demo
-
         demo.run(cfg, workdir, train_stage=train)  # passed in: this module may be __main__
     else:
         train(cfg, workdir)
@@ -57,16 +56,6 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     ``tokenizer`` / ``sources`` override the ones named by the config (the demo passes its own);
     ``max_steps`` stops early without changing the schedule; ``devices`` restricts the mesh.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-
-    from blip3o_jax import flops, metrics, optim, sharding
-    from blip3o_jax import checkpoints
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax.data import pipeline
-
     stage = cfg.train.stage
     num_steps = int(cfg.train.num_steps)
 
@@ -206,9 +195,11 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
                 logging.info("preemption: saved step %d, exiting", step)
                 break
     ckpt.close()
-    if step == num_steps:  # the whole model (trained + frozen parts) for the next stage or for inference
-        checkpoints.save_params(os.path.join(workdir, "params"), nnx.state(nnx.merge(graphdef, state["params"], frozen)),
-                                  config_json)
+    if step == num_steps:  # a model checkpoint (trained + frozen parts) for the next stage or for inference
+        params_dir = os.path.join(workdir, checkpoints.PARAMS_DIR)
+        checkpoints.save_params(params_dir, nnx.state(nnx.merge(graphdef, state["params"], frozen)), config_json)
+        if jax.process_index() == 0:
+            tokenizer.save_pretrained(params_dir)  # so generate / understand --checkpoint WORKDIR need nothing else
     writer.close()
     batches.close()
     return last

@@ -1,4 +1,4 @@
-"""``python -m blip3o_jax.understand``: image + question -> answer text (contract 1; reference 3.2).
+"""``python -m blip3o_jax.understand``: image + question -> answer text (contract 1; docs/model.md 3.2).
 
     python -m blip3o_jax.understand --checkpoint DIR --image photo.jpg --question "What is in the picture?"
     python -m blip3o_jax.understand --checkpoint DIR --image a.png --question Q --temperature 0.7 --top-p 0.9 --seed 1
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from blip3o_jax import cli
+from blip3o_jax import cli, inference
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -31,8 +31,6 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def main(argv=None) -> str:
     args = cli.parse(argv, define_flags, __doc__)
-    from blip3o_jax import inference
-
     kw = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     pipe = inference.Pipeline.from_checkpoint(args.checkpoint, mesh=inference.inference_mesh(args.devices),
                                               **cli.checkpoint_kwargs(args), load_decoder_weights=False, **kw)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
 _PERMS = {
     "linear": (1, 0),
@@ -322,8 +323,6 @@ def save_safetensors_sharded(
     tensors: Iterable[tuple[str, np.ndarray]], path: str | os.PathLike, max_shard_bytes: int = 2 << 30
 ) -> None:
     """Writes ``model-XXXXX-of-YYYYY.safetensors`` + index (or one ``model.safetensors``)."""
-    from safetensors.numpy import save_file
-
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]

@@ -4,7 +4,7 @@
         --config.train.init_from=/path/to/converted/Qwen2.5-VL-3B-or-BLIP3o-4B \
         --config.data.source=webdataset --config.data.paths='/data/BLIP3o-Pretrain-*/*.tar'
 
-Same recipe as the 8B (reference section 11); the backbone is Qwen2.5-VL-3B-Instruct (width 2048,
+Same recipe as the 8B (docs/model.md 11); the backbone is Qwen2.5-VL-3B-Instruct (width 2048,
 36 layers, tied embeddings) so the DiT caption input width is 2048. Argument `:sft` = instruction tuning.
 """
 

@@ -4,7 +4,7 @@
         --config.train.init_from=/path/to/converted/Qwen2.5-VL-7B-or-BLIP3o-8B \
         --config.data.source=webdataset --config.data.paths='/data/BLIP3o-Pretrain-*/*.tar'
 
-Recipe (reference section 11): global batch 512, AdamW lr 1e-4 with linear warmup over 0.3% of the
+Recipe (docs/model.md 11): global batch 512, AdamW lr 1e-4 with linear warmup over 0.3% of the
 steps then cosine to 1e-5, weight decay 0, gradient clipping 1.0, bfloat16 compute with float32 master
 weights, >= 150k steps from scratch. Only the DiT head (1.365 B) and the 64 queries train.
 Argument: `:sft` switches to instruction tuning on BLIP3o-60k (cosine to 0, 10k steps).

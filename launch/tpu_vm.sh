@@ -40,7 +40,7 @@ install() {
       sudo apt-get install -y -q python3.11 python3.11-venv
     fi
     cd ~/$REMOTE_DIR && python3.11 -m venv .venv
-    .venv/bin/pip install -q -r requirements.txt 'jax[tpu]==0.10.2'"
+    .venv/bin/pip install -q -r requirements.txt -e . 'jax[tpu]==0.10.2'"
 }
 
 train() {

@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
@@ -29,3 +30,14 @@ from tests import torch_shim  # noqa: E402,F401  (must precede transformers/timm
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a long test (multi-process or end-to-end); deselect with -m 'not slow'")
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """(PyTorch modules, the tensors, the config.json, the directory) of the tiny released-layout checkpoint
+    of tests/references/blip3o.py, shared by test_convert.py and test_inference.py. Module scope, not
+    session: test_inference writes a tokenizer and a diffusion-decoder/ into the directory."""
+    # Imported here: transformers' Qwen2.5-VL is only loaded by the workers that run these tests.
+    from tests.references import blip3o
+
+    return blip3o.released_checkpoint(tmp_path_factory)

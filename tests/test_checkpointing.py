@@ -2,9 +2,6 @@
 without one) but refuse missing or mis-shaped keys; step FLOPs (and so the trainer's MFU) leave out the
 target encoder when features are precomputed."""
 
-import importlib.util
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,22 +14,7 @@ from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax import train as train_lib
 from blip3o_jax.data import synthetic
 from blip3o_jax.weights import CheckpointMismatchError
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def demo_config(**overrides):
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config("smoke")
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+from tests.references.configs import demo_config
 
 
 def flat(tree):
@@ -67,7 +49,7 @@ def test_checkpoint_with_target_encoder_loads_into_model_without_one(saved):
     model = random_model(cfg, saved["mesh"], seed=1)  # other values than the checkpoint's
     before = flat(nnx.to_pure_dict(nnx.state(model)))
     assert before and not any(k.startswith("target_encoder") for k in before)
-    model_lib.load_params(model, saved["path"])
+    checkpoints.restore_into(model, saved["path"])
     after, stored = flat(nnx.to_pure_dict(nnx.state(model))), flat(saved["params"])
     assert after.keys() == before.keys() and len(stored) > len(after)
     for k, v in after.items():
@@ -98,8 +80,9 @@ def test_step_flops_leave_out_the_encoder_for_precomputed_features():
     precomputed = model_lib.step_flops(cfg, "generation", 0, precomputed=True)
     _, abstract = model_lib.abstract_model(cfg, sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
     n_tokens = (cfg.model.eva.image_size // cfg.model.eva.patch_size) ** 2 + 1
-    encoder = flops.dense_flops(model_lib.param_count(abstract["target_encoder"]),
-                                cfg.data.global_batch_size * n_tokens, "forward")
+    b, eva = cfg.data.global_batch_size, cfg.model.eva
+    encoder = (flops.dense_flops(model_lib.param_count(abstract["target_encoder"]), b * n_tokens, "forward")
+               + flops.attention_flops(eva.layers, n_tokens, eva.width, b, "forward"))
     assert encoder > 0
     np.testing.assert_allclose(with_encoder - precomputed, encoder, rtol=1e-12)
     none = demo_config(**{"train.stage": "generation", "model.target_encoder": "none"})

@@ -1,6 +1,5 @@
 """Config files load and validate; bad keys, types and values fail naming the key."""
 
-import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -8,21 +7,15 @@ import sys
 import pytest
 
 from blip3o_jax import configlib
+from tests.references.configs import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
 
 
 @pytest.mark.parametrize("name,arg", [("demo", None), ("demo", "smoke"), ("blip3o_8b", None),
                                       ("blip3o_8b", "sft"), ("blip3o_4b", None), ("blip3o_4b", "sft")])
 def test_configs_validate(name, arg):
-    cfg = load(name, arg)
+    cfg = load_config(name, arg)
     configlib.validate(cfg, num_devices=8)
     doc = (ROOT / "configs" / f"{name}.py").read_text().split('"""')[1]
     assert doc.lstrip().splitlines()[0].strip()  # summary line
@@ -30,7 +23,7 @@ def test_configs_validate(name, arg):
 
 
 def test_released_sizes():
-    c8, c4 = load("blip3o_8b"), load("blip3o_4b")
+    c8, c4 = load_config("blip3o_8b"), load_config("blip3o_4b")
     assert (c8.model.llm.hidden_size, c4.model.llm.hidden_size) == (3584, 2048)
     assert c4.model.llm.tie_word_embeddings and not c8.model.llm.tie_word_embeddings
     assert c8.model.dit.dim == c4.model.dit.dim == 1792
@@ -99,7 +92,7 @@ def test_mesh_must_match_devices():
 
 
 def test_component_dataclass_roundtrip():
-    cfg = load("demo")
+    cfg = load_config("demo")
     dit = configlib.component(cfg, "dit")
     assert dit.dim == 96 and isinstance(configlib.component(cfg, "llm").mrope_section, tuple)
 

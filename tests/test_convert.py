@@ -1,15 +1,16 @@
 """Whole-model checkpoint import / export (convert.py): end-to-end parity with a PyTorch reference
 pipeline, round trips (Python and CLI), one combined mismatch error, released parameter counts.
 
-The tiny checkpoint directory is assembled in the released BLIP3-o layout from random-weight
-references, exactly as the real folder is laid out (reference 10.1): transformers'
-``Qwen2_5_VLForConditionalGeneration`` saved with ``save_pretrained`` (4.51 key names) and a flat
-transformers-4.51 config.json, diffusers' ``LuminaNextDiT2DModel`` + caption MLP under
-``model.dit.model.`` (tests/test_dit.py), timm's ``Eva`` in the released EVA names with the fused qkv
-bias [q, 0, v] (tests/test_eva_clip.py), ``model.latent_queries``, a leftover ``model.vae.*`` tensor,
-the ``dit_config`` / ``gen_vision_config`` size blocks, split into several safetensors shards + index.
+The tiny checkpoint directory (the ``released`` fixture, built by tests/references/blip3o.py) is
+assembled in the released BLIP3-o layout from random-weight references, exactly as the real folder is
+laid out (docs/model.md 10.1): transformers' ``Qwen2_5_VLForConditionalGeneration`` saved with
+``save_pretrained`` (4.51 key names) and a flat transformers-4.51 config.json, diffusers'
+``LuminaNextDiT2DModel`` + caption MLP under ``model.dit.model.`` (tests/references/dit.py), timm's
+``Eva`` in the released EVA names with the fused qkv bias [q, 0, v] (tests/references/eva.py),
+``model.latent_queries``, a leftover ``model.vae.*`` tensor, the ``dit_config`` / ``gen_vision_config``
+size blocks, split into several safetensors shards + index.
 
-The PyTorch reference pipeline follows reference 3.1 steps 2-5 and 7 with the same modules: prompt +
+The PyTorch reference pipeline follows docs/model.md 3.1 steps 2-5 and 7 with the same modules: prompt +
 [IMG] + queries embedded and run causally through the Qwen decoder, final-norm states of the last
 n_query positions; Euler loop with classifier-free guidance (null = zeros, batched [uncond, cond],
 integer-truncated timesteps, diffusers' FlowMatchEulerDiscreteScheduler). float32; compared at
@@ -27,78 +28,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import nnx
-from safetensors import safe_open
 
-from blip3o_jax import convert, weights
+from blip3o_jax import checkpoints, conversion, convert, weights
 from blip3o_jax.models import eva_mapping
-from blip3o_jax.models.dit import DiTConfig
-from blip3o_jax.models.eva_clip import EvaConfig
-from tests.test_dit import build_reference, reference_state_dict
-from tests.test_eva_clip import RELEASED_RATIO, _released_state_dict, _timm_eva
-from tests.test_flow import _scheduler
-from tests.test_qwen_text import flat_config, tiny_hf
-
-N_QUERY, GEN_START = 8, 104  # the tiny vocabulary has 128 ids (image / vision ids at 100-103)
-DIT = DiTConfig(input_size=4, patch_size=1, in_channels=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
-                multiple_of=32, latent_embedding_size=64)
-EVA = EvaConfig(image_size=64, patch_size=8, width=32, layers=2, head_width=8, mlp_ratio=RELEASED_RATIO,
-                pooling="early_pool2d_2")
+from tests.references.blip3o import DIT, EVA, GEN_START, N_QUERY, read_dir, write_dir
+from tests.references.flow import guided_sample
 
 
 def _close(got, want):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def _read_dir(path) -> dict[str, np.ndarray]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), framework="numpy") as f:
-                out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
-
-def _write_dir(path, tensors: dict, config: dict, shard_bytes: int = 256 << 10):
-    weights.save_safetensors_sharded(iter(tensors.items()), path, max_shard_bytes=shard_bytes)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-
-
 def _flat_arrays(model) -> dict[str, np.ndarray]:
     return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-@pytest.fixture(scope="module")
-def released(tmp_path_factory):
-    """(PyTorch modules, the tensors, the config.json, the directory) of a tiny released-layout checkpoint."""
-    qwen = tiny_hf(0, heads=4, kv_heads=2, layers=2, tied=False)
-    qwen_dir = tmp_path_factory.mktemp("qwen_pretrained")
-    qwen.save_pretrained(qwen_dir)  # transformers-5 save_pretrained writes the 4.51 key names
-    tensors = _read_dir(qwen_dir)
-    assert "model.embed_tokens.weight" in tensors and "visual.merger.ln_q.weight" in tensors
-
-    dit, cap = build_reference(DIT, seed=1)
-    tensors.update(reference_state_dict(dit, cap))  # pad_token dropped, caption MLP under the prefix
-    eva = _timm_eva(EVA, seed=2)
-    eva_sd = _released_state_dict(eva.state_dict())
-    eva_sd = {k: v.numpy() for k, v in eva_sd.items() if k.startswith(eva_mapping.RELEASED_PREFIX)}
-    tensors.update(eva_sd)
-    torch.manual_seed(3)
-    queries = torch.randn(1, N_QUERY, 64)
-    tensors["model.latent_queries"] = queries.numpy()
-    tensors["model.vae.decoder.conv_in.weight"] = np.zeros((4, 16, 3, 3), np.float32)  # tolerated leftover
-
-    config = flat_config(json.loads((qwen_dir / "config.json").read_text()))
-    config.update(
-        model_type="blip3o_qwen", n_query=N_QUERY, gen_start_token_id=GEN_START,
-        gen_vision_tower="eva-clip-E-14-plus", gen_pooling=EVA.pooling,
-        dit_config={k: getattr(DIT, k) for k in convert.DIT_JSON_FIELDS} | {"ffn_dim_multiplier": None},
-        gen_vision_config={k: getattr(EVA, k) for k in convert.EVA_JSON_FIELDS} | {"xattn": True},
-    )
-    path = tmp_path_factory.mktemp("blip3o_released")
-    _write_dir(path, tensors, config)
-    assert os.path.exists(path / "model.safetensors.index.json") and len(list(path.glob("model-*"))) > 2
-    return dict(qwen=qwen, dit=dit, cap=cap, eva=eva, queries=queries, tensors=tensors, config=config, path=path)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +49,7 @@ def model(released):
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch reference pipeline (reference 3.1 steps 2-5, 7)
+# PyTorch reference pipeline (docs/model.md 3.1 steps 2-5, 7)
 
 
 def torch_condition(released, ids: np.ndarray) -> np.ndarray:
@@ -117,26 +59,6 @@ def torch_condition(released, ids: np.ndarray) -> np.ndarray:
         embeds = torch.cat([lm.embed_tokens(ids), released["queries"].expand(len(ids), -1, -1)], 1)
         hidden = lm(inputs_embeds=embeds).last_hidden_state  # causal, positions arange, after model.norm
     return hidden[:, -N_QUERY:].numpy()
-
-
-def torch_sample(released, z: np.ndarray, noise: np.ndarray, num_steps: int) -> np.ndarray:
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-
-    dit, cap = released["dit"], released["cap"]
-    b, side, c = len(z), DIT.input_size, DIT.in_channels
-    sched = _scheduler()
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
-    rope = get_2d_rotary_pos_embed_lumina(DIT.head_dim, 384, 384)
-    x = torch.from_numpy(noise).reshape(b, side, side, c).permute(0, 3, 1, 2)
-    zt = torch.from_numpy(z)
-    with torch.no_grad():
-        cond = cap(torch.cat([torch.zeros_like(zt), zt]))  # [uncond; cond]
-        for t in sched.timesteps:
-            v = dit(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * b).long(), encoder_hidden_states=cond,
-                    encoder_mask=torch.ones(2 * b, z.shape[1]), image_rotary_emb=rope, cross_attention_kwargs={}).sample
-            v_u, v_c = v.chunk(2)
-            x = sched.step(v_u + 3.0 * (v_c - v_u), t, x).prev_sample
-    return x.permute(0, 2, 3, 1).reshape(b, side * side, c).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +80,7 @@ def test_condition_and_sampling_match_the_reference_pipeline(released, model):
 
     noise = np.random.default_rng(1).standard_normal((2, DIT.num_tokens, DIT.in_channels)).astype(np.float32)
     for steps in (4, 30):
-        want = torch_sample(released, z_ref, noise, steps)
+        want = guided_sample(released["dit"], released["cap"], DIT, z_ref, noise, steps)
         _close(model.sample_features(z, noise, num_steps=steps), want)
 
 
@@ -179,7 +101,7 @@ def test_nested_transformers5_config_reads_the_same(released):
                                                   "vocab_size", "num_attention_heads", "num_key_value_heads")}
     nested["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": flat["rope_theta"],
                                                 "mrope_section": flat["rope_scaling"]["mrope_section"]}
-    assert convert.config_from_hf(nested).to_dict() == convert.config_from_hf(flat).to_dict()
+    assert conversion.config_from_hf(nested).to_dict() == conversion.config_from_hf(flat).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +112,7 @@ def test_save_load_round_trip_and_transformers_reads_the_export(released, model,
     out = tmp_path / "exported"
     convert.save_torch(model, out, max_shard_bytes=200 << 10)
     assert os.path.exists(out / "model.safetensors.index.json")
-    exported = _read_dir(out)
+    exported = read_dir(out)
     assert exported.keys() == {k for k in released["tensors"] if not k.startswith("model.vae.")}
     for k, v in exported.items():
         np.testing.assert_array_equal(v, released["tensors"][k], err_msg=k)
@@ -216,18 +138,16 @@ def test_save_load_round_trip_and_transformers_reads_the_export(released, model,
 def test_cli_round_trip_torch_orbax_torch(released, model, tmp_path):
     # Small groups: the parameters are written in several Orbax partial saves.
     convert.main(["--src", str(released["path"]), "--dst", str(tmp_path / "orbax"), "--group-bytes", str(200 << 10)])
-    assert convert.is_orbax_checkpoint(tmp_path / "orbax")
-    restored = convert.load_checkpoint(tmp_path / "orbax")
+    assert checkpoints.is_model_checkpoint(tmp_path / "orbax")
+    restored, _ = checkpoints.load_model(tmp_path / "orbax")
     a, b = _flat_arrays(model), _flat_arrays(restored)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
-    from blip3o_jax.models import blip3o as model_lib
-
-    model_lib.load_params(model, str(tmp_path / "orbax"))  # training init_from reads the same files
+    checkpoints.restore_into(model, str(tmp_path / "orbax"))  # training init_from reads the same files
 
     convert.main(["--src", str(tmp_path / "orbax"), "--dst", str(tmp_path / "torch"), "--to", "torch"])
-    exported = _read_dir(tmp_path / "torch")
+    exported = read_dir(tmp_path / "torch")
     assert exported.keys() == {k for k in released["tensors"] if not k.startswith("model.vae.")}
     for k, v in exported.items():
         np.testing.assert_array_equal(v, released["tensors"][k], err_msg=k)
@@ -239,15 +159,15 @@ def test_missing_target_encoder_and_tied_head(released, model, tmp_path):
     """No gen_vision_tower -> no target encoder; load_into keeps the model's own target encoder. Tied
     embeddings: no lm_head.weight needed (and none in the model)."""
     tensors = {k: v for k, v in released["tensors"].items() if not k.startswith("model.gen_vision_tower.")}
-    _write_dir(tmp_path / "no_eva", tensors, released["config"])
+    write_dir(tmp_path / "no_eva", tensors, released["config"])
     bare = convert.load_torch(tmp_path / "no_eva")
     assert bare.target_encoder is None and bare.cfg.target_encoder == "none"
     before = np.asarray(model.target_encoder.pos_embed[...])
-    convert.load_into(model, tmp_path / "no_eva")  # fills everything else in place, leaves the EVA untouched
+    conversion.load_into(model, tmp_path / "no_eva")  # fills everything else in place, leaves the EVA untouched
     np.testing.assert_array_equal(np.asarray(model.target_encoder.pos_embed[...]), before)
 
     del tensors["lm_head.weight"]
-    _write_dir(tmp_path / "tied", tensors, released["config"] | {"tie_word_embeddings": True})
+    write_dir(tmp_path / "tied", tensors, released["config"] | {"tie_word_embeddings": True})
     tied = convert.load_torch(tmp_path / "tied")
     assert tied.cfg.llm.tie_word_embeddings and "lm_head" not in nnx.state(tied, nnx.Param)["backbone"]
 
@@ -262,7 +182,7 @@ def test_one_error_names_every_offending_key(released, tmp_path):
     del tensors[eva_mapping.RELEASED_PREFIX + "blocks.0.norm2.bias"]
     tensors["model.dit.model.pad_token"] = np.zeros((DIT.dim,), np.float32)
     tensors["model.latent_queries"] = np.zeros((1, N_QUERY + 1, 64), np.float32)
-    _write_dir(tmp_path, tensors, released["config"])
+    write_dir(tmp_path, tensors, released["config"])
     with pytest.raises(weights.CheckpointMismatchError) as err:
         convert.load_torch(tmp_path)
     e, msg = err.value, str(err.value)
@@ -325,7 +245,7 @@ def test_released_parameter_counts(name, dit, queries, qwen):
         print(f"  {k:18s} {v:>15,d}")
     assert counts["DiT head"] == dit and counts["latent_queries"] == queries
     assert counts["qwen vision tower"] + counts["qwen decoder"] + counts["lm_head"] == qwen
-    assert 4.3e9 < counts["EVA-CLIP target"] < 4.4e9  # "about 4.35 B" (reference 10.1)
+    assert 4.3e9 < counts["EVA-CLIP target"] < 4.4e9  # "about 4.35 B" (docs/model.md 10.1)
 
 
 def test_bfloat16_load(released):

@@ -16,6 +16,7 @@ from blip3o_jax.data import chat
 from blip3o_jax.data import preprocess
 from blip3o_jax.data import pipeline, samples, sources, synthetic
 from blip3o_jax.data.sources import DataError
+from tests.references.configs import load_config
 
 IMAGE_SIZE = 32
 N_QUERY = 4
@@ -348,11 +349,7 @@ def test_understanding_demo_tokenizer_pad_count(demo_tok, shards):
 
 
 def test_demo_config_iterators(demo_tok, shards):
-    spec = importlib.util.spec_from_file_location("demo_config", os.path.join(os.path.dirname(__file__), "..",
-                                                                             "configs", "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config()
+    cfg = load_config("demo")
     src = [(sources.WebDatasetSource(shards), 1.0)]
     gen = pipeline.make_iterator(cfg, demo_tok, "generation", src, process_index=1, process_count=2)
     b = next(gen)

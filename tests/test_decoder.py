@@ -1,12 +1,12 @@
-"""Pixel decoder (reference 9): SDXL-layout UNet, AutoencoderKL, Euler scheduler and the converter.
+"""Pixel decoder (docs/model.md 9): SDXL-layout UNet, AutoencoderKL, Euler scheduler and the converter.
 
 References = diffusers 0.42.1 ``UNet2DConditionModel`` built tiny with the SDXL layout features
 (DownBlock2D / CrossAttnDownBlock2D / UNetMidBlock2DCrossAttn / CrossAttnUpBlock2D / UpBlock2D,
 ``text_time`` addition embedding, per-block transformer depths (1, 2, 3), linear projections,
 cross_attention_dim 32) and a tiny ``AutoencoderKL``, random weights (norm scales and biases perturbed
 away from their init), written with ``save_pretrained`` into a ``diffusion-decoder/`` folder together
-with an ``EulerDiscreteScheduler`` configured as reference 9, and loaded through
-``decoder_mapping.load_decoder`` (diffusers_weights + weights.load_component). Float32; outputs compared
+with an ``EulerDiscreteScheduler`` configured as docs/model.md 9, and loaded through
+``decoder.mapping.load_decoder`` (unet_mapping / vae_mapping + weights.load_component). Float32; outputs compared
 at rtol 1e-5 and atol = 1e-5 * max|reference|.
 """
 
@@ -25,26 +25,12 @@ from jax.sharding import PartitionSpec as P
 from blip3o_jax.decoder import scheduler as sched
 from blip3o_jax import sharding, weights
 from blip3o_jax.decoder import mapping as dm
+from blip3o_jax.decoder import unet_mapping, vae_mapping
 from blip3o_jax.decoder.unet import UNet2DConditionModel, UNetConfig
+from tests.references.decoder import EULER, TINY_UNET, perturb
 
 torch = pytest.importorskip("torch")
 
-TINY_UNET = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 32, 64),
-    layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 3),
-    attention_head_dim=(2, 2, 4),
-    cross_attention_dim=32,
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=32 + 6 * 8,
-    norm_num_groups=8,
-    use_linear_projection=True,
-)
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -57,30 +43,8 @@ TINY_VAE = dict(
     sample_size=32,
     scaling_factor=0.13025,
 )
-EULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-    steps_offset=1,
-    interpolation_type="linear",
-    use_karras_sigmas=False,
-)
 B, SIDE, TOKENS = 2, 16, 5  # latent batch, latent side, target tokens (64 in the released model)
 GUIDED_STEPS = 5
-
-
-def _perturb(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +53,8 @@ def decoder_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("diffusion-decoder")
     torch.manual_seed(0)
-    unet = _perturb(TorchUNet(addition_embed_type="text_time", **TINY_UNET), 1)
-    vae = _perturb(AutoencoderKL(**TINY_VAE), 2)
+    unet = perturb(TorchUNet(addition_embed_type="text_time", **TINY_UNET), 1)
+    vae = perturb(AutoencoderKL(**TINY_VAE), 2)
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
     EulerDiscreteScheduler(**EULER).save_pretrained(root / "scheduler")
@@ -141,7 +105,7 @@ def test_configs_parsed(loaded):
     unet, vae, scfg = loaded
     assert unet.cfg == UNetConfig(**TINY_UNET)
     assert vae.cfg.block_out_channels == (16, 32) and vae.cfg.scaling_factor == 0.13025
-    assert scfg == sched.SchedulerConfig()  # the tiny folder's scheduler is reference 9's
+    assert scfg == sched.SchedulerConfig()  # the tiny folder's scheduler is docs/model.md 9's
 
 
 def test_unet_parity(decoder_dir, loaded, inputs):
@@ -252,7 +216,7 @@ def test_guided_euler_loop(decoder_dir, loaded, inputs):
 
 
 def test_released_layout_matches_diffusers():
-    """Reference 9's UNet (Emu2 / BLIP3-o decoder) and SDXL VAE built abstractly: every diffusers key and
+    """docs/model.md 9's UNet (Emu2 / BLIP3-o decoder) and SDXL VAE built abstractly: every diffusers key and
     shape (a meta-device diffusers model with the same config) is covered by the Rule tables both ways."""
     import dataclasses
 
@@ -276,7 +240,7 @@ def test_released_layout_matches_diffusers():
     assert sum(p.numel() for p in ref_vae.parameters()) == 83_653_863
     for ref, cfg, cls in ((ref_unet, UNetConfig(), UNet2DConditionModel), (ref_vae, vcfg, dm.AutoencoderKL)):
         abstract = nnx.state(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-        expected = weights.expected_torch_keys(dm.derive_rules(abstract), abstract)
+        expected = weights.expected_torch_keys(unet_mapping.derive_rules(abstract), abstract)
         weights.check_coverage({k: tuple(v.shape) for k, v in ref.state_dict().items()}, expected)
 
 
@@ -293,7 +257,7 @@ def test_coverage_error_lists_every_key(decoder_dir, one_device_mesh, tmp_path):
     save_file(sd, tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
     (tmp_path / "unet" / "config.json").write_text((root / "unet" / "config.json").read_text())
     with pytest.raises(weights.CheckpointMismatchError) as err:
-        dm.load_unet(tmp_path / "unet", one_device_mesh)
+        unet_mapping.from_pretrained(tmp_path / "unet", one_device_mesh)
     e = err.value
     assert {k for k, _ in e.missing} == {
         "conv_in.bias",
@@ -320,15 +284,15 @@ def test_bf16_variant_and_legacy_vae_names(decoder_dir, one_device_mesh, tmp_pat
     save_file(sd, tmp_path / "diffusion_pytorch_model.bf16.safetensors")
     config = json.loads((decoder_dir[0] / "vae" / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(config))
-    vae = dm.load_vae(tmp_path, one_device_mesh)
-    got = dict(dm.export(vae))
+    vae = vae_mapping.from_pretrained(tmp_path, one_device_mesh)
+    got = dict(vae_mapping.export(vae))
     for k, v in ref.state_dict().items():
         np.testing.assert_array_equal(got[k], v.to(torch.bfloat16).float().numpy(), err_msg=k)
 
 
 def test_export_roundtrip(decoder_dir, loaded):
     _, ref, _ = decoder_dir
-    got = dict(dm.export(loaded[0]))
+    got = dict(unet_mapping.export(loaded[0]))
     sd = ref.state_dict()
     assert set(got) == set(sd)
     for k in ("conv_in.weight", "down_blocks.2.attentions.1.transformer_blocks.2.attn2.to_k.weight"):

@@ -1,6 +1,7 @@
 """The embedded demo end to end: ``configs/demo.py:smoke`` runs every stage through the trainer CLI
 (data shards, target encoder, understanding, generation, pixel decoder, report) and writes the
-contract's report.json and sample grid; the generate CLI then reads the demo workdir. The full demo's
+contract's report.json and sample grid; the workdir is then an ordinary model checkpoint that the
+generate CLI reads. The full demo's
 accuracy targets are measured by ``make demo`` (README), not here: smoke steps are far too few."""
 
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blip3o_jax import checkpoints
 from blip3o_jax.decoder import scheduler
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -45,8 +47,16 @@ def test_smoke_demo_writes_report_and_samples(tmp_path):
     assert all(0.0 <= gen[k] <= 1.0 for k in ("color_accuracy", "shape_accuracy", "position_accuracy"))
     assert set(und) == {"accuracy", "n"} and und["n"] == 4 and 0.0 <= und["accuracy"] <= 1.0
     assert report["wall_seconds"] > 0
-    for stage in ("target", "understanding", "generation", "decoder"):
-        assert (workdir / stage / "params" / "params").is_dir(), stage
+    for stage in ("target", "understanding", "generation"):
+        assert checkpoints.is_model_checkpoint(workdir / stage / "params"), stage
+    assert checkpoints.is_decoder_dir(str(workdir / "decoder"))
+    # WORKDIR itself is an ordinary model checkpoint (checkpoints.py), nothing demo-specific to read it.
+    assert checkpoints.model_dir(workdir) == str(workdir) and checkpoints.is_model_checkpoint(workdir)
+    assert checkpoints.has_tokenizer(str(workdir))
+    assert checkpoints.is_decoder_dir(str(workdir / checkpoints.DECODER_DIR))
+    assert checkpoints.pipeline_defaults(str(workdir))["negative"] == "zero_image"
+    assert json.loads((workdir / "config.json").read_text()) == json.loads(
+        (workdir / "generation" / "params" / "config.json").read_text())
     grid = np.asarray(Image.open(workdir / report["samples"]))
     side = 16 * 2  # decoder.sample_size x demo.decoder_pixel_patch
     assert grid.shape == (side, 4 * side, 3)  # 4 samples in one row of the grid

@@ -1,10 +1,10 @@
 """EVA-CLIP target encoder: parity with timm's ``Eva`` through the real converter, pooling, sharding.
 
-The reference is timm 1.0.31 ``Eva`` built tiny with random weights (reference 8.2: post-norm, plain
+The reference is timm 1.0.31 ``Eva`` built tiny with random weights (docs/model.md 8.2: post-norm, plain
 GELU MLP, the released mlp_ratio 60/7, img_size != 224, separate q/v biases). Its last-block tokens
 before the final norm, CLS dropped (``forward_intermediates(norm=False)``), and their torch
 ``avg_pool2d`` are compared with ``features`` / ``target_features`` after converting the state_dict
-through safetensors + ``eva_mapping.load_eva``, in timm's layout and in the released BLIP3-o layout.
+through safetensors + ``eva_mapping.load``, in timm's layout and in the released BLIP3-o layout.
 """
 
 import dataclasses
@@ -23,8 +23,7 @@ from blip3o_jax import sharding
 from blip3o_jax.models import eva_mapping
 from blip3o_jax.models.eva_clip import EvaConfig, EvaVisionTransformer, avg_pool_tokens
 from blip3o_jax.weights import CheckpointMismatchError, TorchCheckpoint
-
-RELEASED_RATIO = 8.571428571428571
+from tests.references.eva import RELEASED_RATIO, released_state_dict, timm_eva
 
 CONFIGS = {
     # several grids, head widths, pool sizes and both block types; mlp_ratio as released (60/7)
@@ -37,47 +36,10 @@ CONFIGS = {
 }
 
 
-def _timm_eva(cfg: EvaConfig, seed: int):
-    from timm.models.eva import Eva
-
-    torch.manual_seed(seed)
-    model = Eva(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
-                num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, use_post_norm=cfg.postnorm,
-                num_classes=0, global_pool="token").eval()
-    # timm zero-initialises biases and uses std 0.02 weights (near-uniform attention): draw everything
-    # at a scale where attention, biases and norms all matter.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in ("pos_embed", "cls_token"):
-                p.normal_(0.0, 0.5)
-            elif p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.2)
-    return model
-
-
-def _released_state_dict(timm_sd):
-    """timm names -> the released BLIP3-o layout: prefix, fused qkv bias [q, 0, v], no final norm."""
-    out = {}
-    for k, v in timm_sd.items():
-        if k.endswith("attn.q_bias"):
-            base = k[: -len("q_bias")]
-            v = torch.cat([v, torch.zeros_like(v), timm_sd[base + "v_bias"]])
-            k = base + "qkv.bias"
-        elif k.endswith("attn.v_bias") or k.startswith("norm."):
-            continue
-        out[eva_mapping.RELEASED_PREFIX + k] = v
-    out["model.dit.model.x_embedder.weight"] = torch.zeros(2, 2)  # other BLIP3-o parts are not EVA's
-    return out
-
-
 def _standalone_state_dict(timm_sd):
     """The EVA file layout: released names without prefix (fused qkv bias)."""
     n = len(eva_mapping.RELEASED_PREFIX)
-    return {k[n:]: v for k, v in _released_state_dict(timm_sd).items() if k.startswith(eva_mapping.RELEASED_PREFIX)}
+    return {k[n:]: v for k, v in released_state_dict(timm_sd).items() if k.startswith(eva_mapping.RELEASED_PREFIX)}
 
 
 def _save(sd, path):
@@ -86,10 +48,8 @@ def _save(sd, path):
     return TorchCheckpoint(path)
 
 
-def _load(ckpt, cfg, mesh, rules, **model_kw):
-    graphdef, abstract = sharding.abstract_with_shardings(
-        lambda: EvaVisionTransformer(cfg, rngs=nnx.Rngs(0), **model_kw), mesh, rules)
-    return nnx.merge(graphdef, eva_mapping.load_eva(ckpt, abstract, cfg))
+def _load(ckpt, cfg, mesh, rule_table, **model_kw):
+    return eva_mapping.load(ckpt, cfg, mesh, rule_table, **model_kw)
 
 
 @nnx.jit
@@ -110,7 +70,7 @@ def mesh1():
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tmp_path_factory):
     cfg = CONFIGS[request.param]
-    torch_model = _timm_eva(cfg, seed=len(request.param))
+    torch_model = timm_eva(cfg, seed=len(request.param))
     images = np.random.default_rng(0).normal(size=(2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     with torch.no_grad():
         (grid,) = torch_model.forward_intermediates(torch.from_numpy(images).permute(0, 3, 1, 2),
@@ -122,13 +82,13 @@ def case(request, tmp_path_factory):
     timm_sd = torch_model.state_dict()
     tmp = tmp_path_factory.mktemp(request.param)
     return dict(cfg=cfg, images=images, ref_tokens=ref_tokens, ref_pooled=ref_pooled, timm_sd=timm_sd,
-                timm_ckpt=_save(timm_sd, tmp / "timm"), released_ckpt=_save(_released_state_dict(timm_sd), tmp / "rel"),
+                timm_ckpt=_save(timm_sd, tmp / "timm"), released_ckpt=_save(released_state_dict(timm_sd), tmp / "rel"),
                 standalone_ckpt=_save(_standalone_state_dict(timm_sd), tmp / "standalone"))
 
 
 @pytest.fixture(scope="module")
 def timm_loaded(case, mesh1):
-    return _load(case["timm_ckpt"], case["cfg"], mesh1, sharding.rules_for("replicated"))
+    return _load(case["timm_ckpt"], case["cfg"], mesh1, "replicated")
 
 
 def test_timm_checkpoint_has_split_qv_bias_and_final_norm(case):
@@ -143,7 +103,7 @@ def test_parity_with_timm(case, layout, timm_loaded, mesh1):
     if layout == "timm":
         model = timm_loaded
     else:
-        model = _load(case[f"{layout}_ckpt"], cfg, mesh1, sharding.rules_for("replicated"))
+        model = _load(case[f"{layout}_ckpt"], cfg, mesh1, "replicated")
     tokens, pooled = _forward(model, case["images"])
     n = cfg.grid_size**2
     assert tokens.shape == (2, n, cfg.width) and pooled.shape == (2, n // cfg.pool_size**2, cfg.width)
@@ -162,7 +122,7 @@ def test_fused_bias_view_and_k_bias_is_zero(case):
 
 
 def test_export_round_trip_is_released_layout(case, timm_loaded):
-    exported = dict(eva_mapping.export_eva(nnx.state(timm_loaded), case["cfg"]))
+    exported = dict(eva_mapping.export(timm_loaded))
     released = case["released_ckpt"]
     assert set(exported) == {k for k in released.keys() if k.startswith(eva_mapping.RELEASED_PREFIX)}
     for key, value in exported.items():
@@ -182,7 +142,7 @@ def test_pooling_is_row_major_kxk():
 def test_bfloat16_inference_tracks_float32(case, mesh1):
     if case["cfg"] != CONFIGS["p8_g4_pool2"]:
         return  # one config is enough
-    model = _load(case["released_ckpt"], case["cfg"], mesh1, sharding.rules_for("replicated"), dtype=jnp.bfloat16)
+    model = _load(case["released_ckpt"], case["cfg"], mesh1, "replicated", dtype=jnp.bfloat16)
     assert model.blocks.attn.qkv.kernel[...].dtype == jnp.float32  # param_dtype stays float32
     tokens, pooled = _forward(model, case["images"])
     assert tokens.dtype == jnp.bfloat16 and pooled.dtype == jnp.float32
@@ -192,7 +152,7 @@ def test_bfloat16_inference_tracks_float32(case, mesh1):
 
 def test_sharded_fsdp_tensor_matches_reference(tmp_path):
     cfg = CONFIGS["p8_g4_pool2"]
-    torch_model = _timm_eva(cfg, seed=7)
+    torch_model = timm_eva(cfg, seed=7)
     images = np.random.default_rng(2).normal(size=(4, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():
         (grid,) = torch_model.forward_intermediates(torch.from_numpy(images).permute(0, 3, 1, 2),
@@ -209,7 +169,7 @@ def test_sharded_fsdp_tensor_matches_reference(tmp_path):
     assert specs["patch_embed/proj/kernel"] == P(None, None, None, "fsdp")
     assert specs["blocks/norm1/scale"] == P(None, None)
 
-    model = _load(_save(torch_model.state_dict(), tmp_path / "timm"), cfg, mesh, rules, remat="full")
+    model = _load(_save(torch_model.state_dict(), tmp_path / "timm"), cfg, mesh, "fsdp", remat="full")
     loaded = {"/".join(map(str, p)): v.get_value().sharding.spec for p, v in nnx.to_flat_state(nnx.state(model))}
     assert loaded == specs
     batch = sharding.shard_host_batch({"images": images}, mesh)["images"]
@@ -226,7 +186,7 @@ def test_mismatched_checkpoint_lists_every_offender(case, tmp_path, mesh1):
     sd["blocks.0.attn.rel_pos_bias"] = torch.zeros(3)
     sd["pos_embed"] = torch.zeros(1, 5, cfg.width)  # e.g. a 224-px checkpoint's position table
     with pytest.raises(CheckpointMismatchError) as err:
-        _load(_save(sd, tmp_path / "bad"), cfg, mesh1, sharding.rules_for("replicated"))
+        _load(_save(sd, tmp_path / "bad"), cfg, mesh1, "replicated")
     msg = str(err.value)
     assert "blocks.1.mlp.fc1.bias" in msg and "blocks.0.attn.rel_pos_bias" in msg and "pos_embed" in msg
     assert "norm.weight" not in msg  # timm's final norm is a known, ignored extra

@@ -1,4 +1,4 @@
-"""Flow matching (reference 6, 7): schedules vs diffusers' FlowMatchEulerDiscreteScheduler, the loss
+"""Flow matching (docs/model.md 6, 7): schedules vs diffusers' FlowMatchEulerDiscreteScheduler, the loss
 formula for fixed draws, guided sampling vs a PyTorch loop over the diffusers DiT, one compilation of
 the sampling loop. (A tiny flow head overfitting a fixed batch: tests/test_heads.py.)
 """
@@ -11,18 +11,11 @@ import numpy as np
 import pytest
 
 from blip3o_jax.models import flow
-from tests.test_dit import TINY, build_reference, reference_state_dict, save_and_load
-
-torch = pytest.importorskip("torch")
+from tests.references.dit import TINY, build_reference, reference_state_dict, save_and_load
+from tests.references.flow import guided_sample, scheduler
 
 REFERENCE_TIMESTEPS = [1000, 966, 933, 900, 866, 833, 800, 766, 733, 700, 666, 633, 600, 566, 533, 500, 466,
-                       433, 400, 366, 333, 300, 266, 233, 200, 166, 133, 100, 66, 33]  # reference 7
-
-
-def _scheduler(shift=1.0):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+                       433, 400, 366, 333, 300, 266, 233, 200, 166, 133, 100, 66, 33]  # docs/model.md 7
 
 
 def test_default_sampling_schedule_is_the_reference():
@@ -34,7 +27,7 @@ def test_default_sampling_schedule_is_the_reference():
 
 @pytest.mark.parametrize("num_steps,shift", [(30, 1.0), (10, 3.0), (50, 0.5)])
 def test_sampling_schedule_matches_diffusers(num_steps, shift):
-    sched = _scheduler(shift)
+    sched = scheduler(shift)
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
     sigmas, timesteps = flow.sampling_schedule(num_steps, shift)
     np.testing.assert_array_equal(sigmas, sched.sigmas.numpy())
@@ -43,7 +36,7 @@ def test_sampling_schedule_matches_diffusers(num_steps, shift):
 
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_training_table_matches_diffusers(shift):
-    sched = _scheduler(shift)
+    sched = scheduler(shift)
     sigmas, timesteps = flow.train_schedule(1000, shift)
     np.testing.assert_array_equal(sigmas, sched.sigmas.numpy())
     np.testing.assert_array_equal(timesteps, sched.timesteps.numpy())
@@ -94,28 +87,12 @@ def tiny_pair(tmp_path_factory):
 
 
 def test_guided_sampling_matches_diffusers_loop(tiny_pair):
-    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
-
     dit, cap, model = tiny_pair
     rng = np.random.default_rng(5)
     b, side, c = 2, TINY.input_size, TINY.in_channels
     noise = rng.standard_normal((b, side * side, c)).astype(np.float32)
     z = rng.standard_normal((b, 6, TINY.latent_embedding_size)).astype(np.float32)
-
-    # PyTorch reference loop (reference 7): [null; cond] batch, int64 timesteps, scheduler Euler step.
-    sched = _scheduler()
-    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 30, 30))
-    rope = get_2d_rotary_pos_embed_lumina(TINY.head_dim, 384, 384)
-    x = torch.from_numpy(noise).reshape(b, side, side, c).permute(0, 3, 1, 2)
-    zt = torch.from_numpy(z)
-    with torch.no_grad():
-        cond = cap(torch.cat([torch.zeros_like(zt), zt]))
-        for t in sched.timesteps:
-            v = dit(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * b).long(), encoder_hidden_states=cond,
-                    encoder_mask=torch.ones(2 * b, 6), image_rotary_emb=rope, cross_attention_kwargs={}).sample
-            v_u, v_c = v.chunk(2)
-            x = sched.step(v_u + 3.0 * (v_c - v_u), t, x).prev_sample
-    want = x.permute(0, 2, 3, 1).reshape(b, side * side, c).numpy()
+    want = guided_sample(dit, cap, TINY, z, noise, num_steps=30)
 
     got = np.asarray(flow.sample_features(model, z, noise))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

@@ -1,14 +1,14 @@
-"""Inference entry points (inference.py, generate.py, understand.py, eval.py; reference 3.1-3.3, 7, 9).
+"""Inference entry points (inference.py, generate.py, understand.py, eval.py; docs/model.md 3.1-3.3, 7, 9).
 
-The checkpoint is test_convert's tiny released-layout directory (transformers Qwen2.5-VL + diffusers
-Lumina DiT + timm EVA, random weights) plus what a real release folder also holds: tokenizer files (a
-word-level tokenizer whose special tokens sit on the tiny model's ids) and a ``diffusion-decoder/``
-folder written by diffusers' ``save_pretrained`` (tiny SDXL-layout UNet2DConditionModel, AutoencoderKL,
-EulerDiscreteScheduler). ``python -m blip3o_jax.convert`` turns it into an Orbax checkpoint (tokenizer
-copied, decoder converted); the CLIs run in-process on both forms.
+The checkpoint is the tiny released-layout directory of the ``released`` fixture (tests/conftest.py:
+transformers Qwen2.5-VL + diffusers Lumina DiT + timm EVA, random weights) plus what a real release
+folder also holds: tokenizer files (a word-level tokenizer whose special tokens sit on the tiny model's
+ids) and a ``diffusion-decoder/`` folder written by diffusers' ``save_pretrained`` (tiny SDXL-layout
+UNet2DConditionModel, AutoencoderKL, EulerDiscreteScheduler). ``python -m blip3o_jax.convert`` turns it
+into an Orbax checkpoint (tokenizer copied, decoder converted); the CLIs run in-process on both forms.
 
 Parity: ``understand`` must give exactly transformers' greedy ``generate`` tokens; image-conditioned
-``condition`` (reference 3.3a: ViT features at the image pads, 1-D positions) is compared with a PyTorch
+``condition`` (docs/model.md 3.3a: ViT features at the image pads, 1-D positions) is compared with a PyTorch
 pipeline built from the same transformers modules at rtol 1e-5, atol 1e-5 x max|reference| (float32).
 """
 
@@ -22,12 +22,13 @@ import pytest
 import torch
 from PIL import Image
 
+from blip3o_jax import checkpoints as checkpoints_lib
 from blip3o_jax import convert, eval as eval_lib, generate, inference, understand
 from blip3o_jax.models import flow
 from blip3o_jax.decoder import scheduler as sched
-from tests.test_convert import GEN_START, N_QUERY, released  # noqa: F401  (module-scoped fixture)
-from tests.test_decoder import EULER, _perturb
-from tests.test_qwen_text import EOS, IMAGE, PAD, V_END, V_START, VIDEO
+from tests.references.blip3o import GEN_START, N_QUERY, tiny_tokenizer
+from tests.references.decoder import EULER, perturb
+from tests.references.qwen import EOS, IMAGE, PAD
 
 STEPS = ["--steps", "2", "--decoder-steps", "2", "--devices", "1"]
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
@@ -41,43 +42,23 @@ TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), down_
 IMAGE_SIDE = 16  # UNet latent 8 x VAE downscale 2
 
 
-def tiny_tokenizer():
-    """Word-level tokenizer filling the tiny model's 128 ids, Qwen special tokens at its ids."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = {"[UNK]": 0, "<|im_end|>": EOS, "<|endoftext|>": PAD, "<|im_start|>": 3, "<|image_pad|>": IMAGE,
-                "<|video_pad|>": VIDEO, "<|vision_start|>": V_START, "<|vision_end|>": V_END, "[IMG]": GEN_START}
-    words = ("system user assistant You are a helpful . Please generate image based on the following caption : "
-             "red green blue circle square triangle What color is shape ? reconstruct given big small left right "
-             "top bottom").split()
-    free = [i for i in range(128) if i not in specials.values()]
-    words = list(dict.fromkeys(words)) + [f"w{i}" for i in range(len(free))]
-    vocab = dict(specials) | {w: i for w, i in zip(words, free)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="module")
-def checkpoints(released, tmp_path_factory):  # noqa: F811
+def checkpoints(released, tmp_path_factory):
     """(torch directory with tokenizer + diffusion-decoder, its Orbax conversion, a decoder-less copy)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
     src = released["path"]
     tiny_tokenizer().save_pretrained(src)
     torch.manual_seed(0)
-    dec = src / inference.DECODER_DIR
-    _perturb(UNet2DConditionModel(addition_embed_type="text_time", **TINY_UNET), 1).save_pretrained(dec / "unet")
-    _perturb(AutoencoderKL(**TINY_VAE), 2).save_pretrained(dec / "vae")
+    dec = src / checkpoints_lib.DECODER_DIR
+    perturb(UNet2DConditionModel(addition_embed_type="text_time", **TINY_UNET), 1).save_pretrained(dec / "unet")
+    perturb(AutoencoderKL(**TINY_VAE), 2).save_pretrained(dec / "vae")
     EulerDiscreteScheduler(**EULER).save_pretrained(dec / "scheduler")
     dst = tmp_path_factory.mktemp("orbax")
     convert.main(["--src", str(src), "--dst", str(dst)])
     bare = tmp_path_factory.mktemp("no_decoder")
     for name in os.listdir(dst):
-        if name != inference.DECODER_DIR:
+        if name != checkpoints_lib.DECODER_DIR:
             os.symlink(dst / name, bare / name)
     return src, dst, bare
 
@@ -90,7 +71,7 @@ def pipe(checkpoints):
 def test_convert_writes_tokenizer_and_decoder(checkpoints, pipe):
     _, dst, _ = checkpoints
     assert os.path.exists(dst / "tokenizer.json")
-    assert os.path.exists(dst / inference.DECODER_DIR / "config.json")
+    assert os.path.exists(dst / checkpoints_lib.DECODER_DIR / "config.json")
     assert pipe.decoder.vae is not None and pipe.decoder.default_size == IMAGE_SIDE
     assert pipe.decoder.scheduler.timestep_spacing == "leading"
 
@@ -146,7 +127,7 @@ def _image(seed, h=60, w=90):
     return np.random.RandomState(seed).randint(0, 256, (h, w, 3)).astype(np.uint8)
 
 
-def test_understand_matches_transformers_generate(checkpoints, pipe, released, tmp_path):  # noqa: F811
+def test_understand_matches_transformers_generate(checkpoints, pipe, released, tmp_path):
     _, dst, _ = checkpoints
     image, question = _image(0), "What color is the shape ?"
     Image.fromarray(image).save(tmp_path / "q.png")
@@ -168,7 +149,7 @@ def test_understand_matches_transformers_generate(checkpoints, pipe, released, t
     assert answer == pipe.tokenizer.decode(want, skip_special_tokens=True).strip()
 
 
-def test_image_conditioned_condition_matches_torch(released, pipe):  # noqa: F811
+def test_image_conditioned_condition_matches_torch(released, pipe):
     pipe.edit_image_size = 112  # 8 x 8 patches -> 16 image tokens (448 -> 256 in the released model)
     text, pixels, grid = pipe.image_prompt(inference.EDIT_PROMPT, _image(1, 80, 50))
     assert tuple(grid[0]) == (1, 8, 8)

@@ -217,6 +217,16 @@ def test_conversion_refuses_to_export_and_loads_the_rest_of_a_released_checkpoin
     with pytest.raises(ValueError, match=r"model\.denoiser 'mixer'.*no released PyTorch layout"):
         conversion.save_torch(model, tmp_path / "exported", config=mixer_cfg)
 
+    # A model checkpoint of this project with the DiT head (train.init_from=DIR) does the same.
+    checkpoints.save_model(str(tmp_path / "orbax"), released, dit_cfg)
+    model = model_lib.build_model(mixer_cfg, mesh, seed=1)
+    checkpoints.restore_into(model, tmp_path / "orbax")
+    got = flat_params(model)
+    for k in loaded:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    for k in got.keys() - set(loaded):
+        np.testing.assert_array_equal(got[k], before[k], err_msg=k)
+
 
 # ---------------------------------------------------------------------------------------------
 # The real CLIs

@@ -12,7 +12,6 @@ without the persistent compilation cache (see ``launch``). CI runs it (``make te
 everything); ``-m "not slow"`` skips it locally.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -29,6 +28,7 @@ import pytest
 from blip3o_jax import distributed
 from blip3o_jax import train as train_lib
 from blip3o_jax.data import pipeline, sources, synthetic
+from tests.references.configs import demo_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS, GLOBAL_BATCH, NUM_SAMPLES = 6, 8, 48  # exactly one epoch
@@ -60,20 +60,6 @@ from absl import app
 from blip3o_jax import train
 app.run(train.main)
 '''
-
-
-def demo_config(**overrides):
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config("smoke")
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ memory for the demo model on an 8-device (data=2, fsdp=4) CPU mesh agrees with t
 parameters, gradients and optimizer state of a real step (within 10%; measured: exact up to
 optax's scalar counters)."""
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -17,16 +16,10 @@ from flax import nnx
 
 from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax import optim, plan, sharding
+from tests.references.configs import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DIT_PARAMS = {"blip3o_8b": 1_365_010_336, "blip3o_4b": 1_362_257_824}  # reference section 5.1
-
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+DIT_PARAMS = {"blip3o_8b": 1_365_010_336, "blip3o_4b": 1_362_257_824}  # docs/model.md 5.1
 
 
 def test_cli_released_8b_parameter_counts():

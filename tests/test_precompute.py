@@ -1,7 +1,6 @@
 """Precomputed target features: the CLI writes sharded ArrayRecord files and a manifest, an interrupted
 run resumes to identical files, and training on the stored features gives the on-the-fly loss."""
 
-import importlib.util
 import io
 import json
 import os
@@ -19,23 +18,10 @@ from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax import precompute as precompute_lib
 from blip3o_jax import sharding
 from blip3o_jax.data import pipeline, samples, sources, synthetic
+from tests.references.configs import demo_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHUNK = 6  # 15 records -> chunks of 6, 6, 3; each one padded batch of 8
-
-
-def demo_config(overrides):
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config("smoke")
-    for key, value in overrides.items():
-        section, leaf = key.rsplit(".", 1)
-        node = cfg
-        for part in section.split("."):
-            node = node[part]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +38,7 @@ def setup(tmp_path_factory):
     overrides = {"data.paths": ",".join(shards + [bad]), "data.tokenizer": tok_dir, "data.source": "webdataset",
                  "data.global_batch_size": 8, "precompute.records_per_shard": CHUNK,
                  "precompute.with_condition": True, "train.stage": "generation"}
-    return {"root": root, "overrides": overrides, "cfg": demo_config(overrides), "tokenizer": tokenizer}
+    return {"root": root, "overrides": overrides, "cfg": demo_config(**overrides), "tokenizer": tokenizer}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +94,7 @@ def test_resume_after_interruption_gives_identical_files(cli_out, setup, model):
     for name in shard_files(cli_out):
         assert (out / name).read_bytes() == (cli_out / name).read_bytes(), name
     # A different encoder setting in the same directory is refused, not mixed in.
-    other = demo_config({**setup["overrides"], "precompute.feature_dtype": "bfloat16"})
+    other = demo_config(**{**setup["overrides"], "precompute.feature_dtype": "bfloat16"})
     with pytest.raises(ValueError, match="feature_dtype"):
         precompute_lib.precompute(other, str(out), **kw)
 
@@ -116,8 +102,8 @@ def test_resume_after_interruption_gives_identical_files(cli_out, setup, model):
 @pytest.mark.parametrize("use_condition", [False, True])
 def test_training_on_stored_features_gives_the_on_the_fly_loss(cli_out, setup, model, use_condition):
     cfg, tok = setup["cfg"], setup["tokenizer"]
-    pre_cfg = demo_config({**setup["overrides"], "data.paths": str(cli_out), "data.source": "precomputed",
-                           "data.precomputed_condition": use_condition})
+    pre_cfg = demo_config(**{**setup["overrides"], "data.paths": str(cli_out), "data.source": "precomputed",
+                             "data.precomputed_condition": use_condition})
     pre_sources = pipeline.config_sources(pre_cfg)
     it = pipeline.DataIterator(pre_sources, pipeline.make_transform(pre_cfg, tok, "generation"), batch_size=8,
                                seed=0, num_epochs=1, with_keys=True)
@@ -152,8 +138,8 @@ def test_training_on_stored_features_gives_the_on_the_fly_loss(cli_out, setup, m
 
 
 def test_precomputed_data_must_fit_the_model(cli_out, setup):
-    wrong = demo_config({**setup["overrides"], "data.paths": str(cli_out), "model.dit.in_channels": 32,
-                         "model.eva.width": 32})
+    wrong = demo_config(**{**setup["overrides"], "data.paths": str(cli_out), "model.dit.in_channels": 32,
+                           "model.eva.width": 32})
     with pytest.raises(sources.DataError, match="model.dit.in_channels"):
         pipeline.config_sources(wrong)
     unfinished = setup["root"] / "unfinished"

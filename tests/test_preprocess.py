@@ -130,5 +130,5 @@ def test_picklable_deterministic_and_jax_free():
     clone = pickle.loads(pickle.dumps(pre))
     assert clone == pre
     np.testing.assert_array_equal(clone(PHOTOS["edges"]), pre(PHOTOS["edges"]))
-    code = "import sys, blip3o_jax.preprocess; assert 'jax' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, blip3o_jax.data.preprocess; assert 'jax' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

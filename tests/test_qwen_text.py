@@ -17,48 +17,15 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.torch import save_file
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from blip3o_jax import decode, sharding, weights
 from blip3o_jax.data import chat
 from blip3o_jax.models import qwen_mapping
-from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL, QwenTextConfig, QwenVisionConfig
+from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL, QwenTextConfig
+from blip3o_jax.models.qwen_vision import QwenVisionConfig
+from tests.references.qwen import EOS, IMAGE, PAD, V_END, V_START, VOCAB, flat_config, tiny_hf
 
-VOCAB, EOS, PAD = 128, 1, 2
-IMAGE, VIDEO, V_START, V_END = 100, 101, 102, 103
 PATCH_DIM = 3 * 2 * 14 * 14
-
-
-def tiny_hf(seed, *, heads, kv_heads, layers, tied, with_image=True):
-    """A tiny Qwen2.5-VL with weights drawn large enough that logits are far from ties."""
-    torch.manual_seed(seed)
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-            num_attention_heads=heads, num_key_value_heads=kv_heads, rms_norm_eps=1e-6,
-            max_position_embeddings=512, bos_token_id=0, eos_token_id=EOS, pad_token_id=PAD,
-            rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[2, 3, 3]),
-        ),
-        vision_config=dict(
-            depth=2, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, window_size=56,
-            fullatt_block_indexes=[1], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        ),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=V_START, vision_end_token_id=V_END,
-        tie_word_embeddings=tied,
-    )
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.config._attn_implementation = "eager"
-    model.model.language_model.config._attn_implementation = "eager"
-    model.model.visual.config._attn_implementation = "eager"
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 0.15)
-            elif "norm" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -84,22 +51,6 @@ def tied_v5(tmp_path_factory):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(flat_config(ref.config.to_dict()), f)
     return ref, path, qwen_mapping.from_pretrained(path)
-
-
-def flat_config(nested):
-    """The transformers-4.51 spelling of a Qwen2.5-VL config.json: text fields at the top level,
-    rope_theta + rope_scaling {type: mrope}, vision in_chans."""
-    text = dict(nested["text_config"])
-    rope = text.pop("rope_parameters")
-    flat = {k: v for k, v in nested.items() if k != "text_config"}
-    flat.update(text)
-    flat["rope_theta"] = rope["rope_theta"]
-    flat["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
-    vision = dict(flat["vision_config"])
-    vision["in_chans"] = vision.pop("in_channels")
-    flat["vision_config"] = vision
-    flat["model_type"] = "qwen2_5_vl"
-    return flat
 
 
 def text_batch(seed, length=12, pad=0, left=False):
@@ -330,7 +281,7 @@ def test_converter_lists_every_offending_key(untied, tmp_path):
 def test_sharded_forward_matches(untied):
     _, path, model = untied
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    sharded = qwen_mapping.from_pretrained(path, mesh=mesh, rules="fsdp", with_vision=False)
+    sharded = qwen_mapping.from_pretrained(path, mesh, "fsdp", with_vision=False)
     specs = {
         "model/embed_tokens/embedding": P("tensor", "fsdp"),
         "model/layers/self_attn/q_proj/kernel": P(None, "fsdp", "tensor"),
@@ -364,4 +315,4 @@ def test_chat_templates():
         "What is it?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert chat.understanding_prompt("Q", [1, 2]).count("<|vision_start|>") == 2
-    assert chat.num_image_tokens((1, 32, 32)) == 256  # a 448x448 image (reference 3.3a)
+    assert chat.num_image_tokens((1, 32, 32)) == 256  # a 448x448 image (docs/model.md 3.3a)

@@ -23,10 +23,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTra
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from blip3o_jax import sharding, weights
-from blip3o_jax.models.qwen2_5_vl import QwenVisionConfig
-from blip3o_jax.models import qwen_vision_mapping
-from blip3o_jax.models.qwen_vision import get_rope_index, vision_layout
 from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
+from blip3o_jax.models import qwen_vision_mapping
+from blip3o_jax.models.qwen_vision import QwenVisionConfig, get_rope_index, vision_layout
 
 TINY = dict(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, window_size=56,
             fullatt_block_indexes=(1, 3), out_hidden_size=64)

@@ -24,8 +24,8 @@ from blip3o_jax import sharding
 from blip3o_jax.models import siglip2_mapping
 from blip3o_jax.models.siglip2 import Siglip2Config, Siglip2VisionModel, adaptive_avg_pool_tokens
 from blip3o_jax.weights import CheckpointMismatchError, TorchCheckpoint
+from tests.references.siglip2 import BASE, torch_model
 
-BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, patch_size=8)
 CONFIGS = {
     # same 4x4 grid as the table, penultimate layer pooled to 2x2; checkpoint under "vision_model."
     "same_grid": Siglip2Config(**BASE, num_patches=16, image_size=32, feature_layer=-2, num_pooled_tokens=4),
@@ -34,27 +34,6 @@ CONFIGS = {
     # 5x5 patch grid from an 8x8 table (antialiased downsampling), hidden_states[1], pooling 5 -> 2
     "downsample": Siglip2Config(**BASE, num_patches=64, image_size=40, feature_layer=1, num_pooled_tokens=4),
 }
-
-
-def _torch_model(cfg: Siglip2Config, seed: int):
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel as TorchSiglip2
-
-    torch.manual_seed(seed)
-    tcfg = Siglip2VisionConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                               num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                               num_channels=cfg.num_channels, patch_size=cfg.patch_size, num_patches=cfg.num_patches,
-                               layer_norm_eps=cfg.layer_norm_eps, vision_use_head=True)
-    tcfg._attn_implementation = "eager"
-    model = TorchSiglip2(tcfg).eval()
-    with torch.no_grad():  # biases and norms are zero / one at init: randomise everything
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5 if "position" not in name else 0.5)
-            else:
-                p.normal_(0.0, 0.2)
-    return model
 
 
 def _reference(model, cfg: Siglip2Config, images: np.ndarray):
@@ -104,7 +83,7 @@ def mesh1():
 
 def _make_case(name, tmp_path):
     cfg = CONFIGS[name]
-    model = _torch_model(cfg, seed=len(name))
+    model = torch_model(cfg, seed=len(name))
     images = np.random.default_rng(0).normal(size=(4, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     feats, pooled, last = _reference(model, cfg, images)
     prefix = "vision_model." if name == "same_grid" else ""
@@ -161,7 +140,7 @@ def test_sharded_fsdp_tensor(tmp_path):
 
 def test_mismatched_checkpoint_lists_every_offender(tmp_path, mesh1):
     cfg = CONFIGS["upsample"]
-    sd = _torch_model(cfg, seed=0).state_dict()
+    sd = torch_model(cfg, seed=0).state_dict()
     del sd["encoder.layers.2.mlp.fc2.weight"]
     sd["encoder.layers.0.self_attn.qkv.weight"] = torch.zeros(3, 3)
     sd["embeddings.position_embedding.weight"] = torch.zeros(64, cfg.hidden_size)

@@ -1,7 +1,6 @@
 """The trainer: exact resume after SIGKILL, clean exit on SIGTERM, sharded == single-device steps,
 frozen parameters untouched and without optimizer state, non-finite steps skipped."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,25 +16,12 @@ import pytest
 
 from blip3o_jax import train as train_lib
 from blip3o_jax.data import synthetic
+from tests.references.configs import demo_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 8
 # Fields that depend on wall time; everything else must be identical after a resume.
 TIMING = {"step_time", "images_per_s", "mfu"}
-
-
-def demo_config(**overrides):
-    spec = importlib.util.spec_from_file_location("demo_cfg", ROOT / "configs" / "demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cfg = mod.get_config("smoke")
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
 
 
 @pytest.fixture(scope="module")

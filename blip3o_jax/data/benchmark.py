@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import tarfile
 import tempfile
 import time
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from blip3o_jax.data import pipeline, samples, sources, synthetic
@@ -47,8 +49,6 @@ def write_shards(workdir: str, num_images: int, per_shard: int = 128) -> list[st
 
 def plain_loop(paths: list[str], size: int) -> float:
     """images/s of a straightforward tarfile + PIL + numpy loop (no Grain, one process)."""
-    import tarfile
-
     mean = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
     std = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
     n, start = 0, time.perf_counter()
@@ -91,8 +91,6 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=448)
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "blip3o_bench"))
     args = parser.parse_args(argv)
-    from absl import flags
-
     flags.FLAGS.mark_as_parsed()  # Grain workers read absl flags
     paths = write_shards(args.workdir, args.num_images)
     rows = [("plain PIL loop, 1 process", plain_loop(paths, args.size))]

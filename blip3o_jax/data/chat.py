@@ -1,4 +1,4 @@
-"""The Qwen chat template used by BLIP3-o, as plain string builders (reference 3.1, 3.2, 3.3a, 4.4).
+"""The Qwen chat template used by BLIP3-o, as plain string builders (docs/model.md 3.1, 3.2, 3.3a, 4.4).
 
 Every prompt is ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message with the system message
 "You are a helpful assistant.", then the assistant turn. Three forms exist:
@@ -43,12 +43,12 @@ def conversation(user: str, system: str = SYSTEM_PROMPT) -> str:
 
 
 def t2i_prompt(caption: str) -> str:
-    """Text-to-image inference prompt (reference 3.1 step 1)."""
+    """Text-to-image inference prompt (docs/model.md 3.1 step 1)."""
     return conversation(T2I_INSTRUCTION + caption)
 
 
 def t2i_training_prompt(caption: str) -> str:
-    """Text-to-image training prompt (reference 4.4): empty, closed assistant turn."""
+    """Text-to-image training prompt (docs/model.md 4.4): empty, closed assistant turn."""
     return turn("system", SYSTEM_PROMPT) + turn("user", T2I_INSTRUCTION + caption) + turn("assistant", "")
 
 
@@ -66,7 +66,7 @@ def num_image_tokens(grid_thw: Sequence[int], spatial_merge_size: int = 2) -> in
 
 
 def understanding_prompt(question: str, image_tokens: int | Iterable[int] = (), system: str = SYSTEM_PROMPT) -> str:
-    """Image(s) + question prompt (reference 3.2), images first as in the Qwen2.5-VL template.
+    """Image(s) + question prompt (docs/model.md 3.2), images first as in the Qwen2.5-VL template.
 
     image_tokens: number of LLM tokens per image (see num_image_tokens); an int for one image.
     """

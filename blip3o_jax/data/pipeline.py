@@ -47,7 +47,9 @@ import grain
 import numpy as np
 
 from blip3o_jax.data import samples as samples_lib
-from blip3o_jax.data.sources import DataError
+from blip3o_jax.data import sources as sources_lib
+from blip3o_jax.data import synthetic
+from blip3o_jax.data.sources import DataError, PrecomputedSource
 
 _MAX_WARNINGS = 20
 
@@ -247,14 +249,10 @@ def make_transform(config, tokenizer, kind: str, *, und_image_size: int = 448, m
 def config_sources(config, *, data_dir: str | None = None, cache_dir: str | None = None) -> list[tuple[Any, float]]:
     """The sources ``config.data`` names: the synthetic demo set (written into ``data_dir`` if missing),
     or ``config.data.paths`` (files, globs, ``tfds:NAME:SPLIT``, ``A@w;B@w`` mixtures)."""
-    from blip3o_jax.data import sources as sources_lib
-
     kwargs = {"cache_dir": cache_dir} if cache_dir else {}
     if config.data.source == "synthetic" and not config.data.paths:
         if data_dir is None:
             raise ValueError("config.data.source='synthetic' needs a data_dir to write the demo shards into")
-        from blip3o_jax.data import synthetic
-
         paths, _ = synthetic.prepare_demo_data(data_dir, image_size=config.data.image_size, seed=config.data.seed)
         return [(sources_lib.WebDatasetSource(paths, **kwargs), 1.0)]
     sources = sources_lib.open_sources(config.data.paths, **kwargs)
@@ -265,8 +263,6 @@ def config_sources(config, *, data_dir: str | None = None, cache_dir: str | None
 def check_precomputed(config, sources: Sequence[tuple[Any, float]]) -> None:
     """Precomputed feature directories (blip3o_jax.precompute) must fit the model being trained, and a
     mixture is either all precomputed or all raw (batches need the same fields)."""
-    from blip3o_jax.data.sources import PrecomputedSource
-
     pre = [src for src, _ in sources if isinstance(src, PrecomputedSource)]
     if not pre:
         if config.data.precomputed_condition:
@@ -275,12 +271,16 @@ def check_precomputed(config, sources: Sequence[tuple[Any, float]]) -> None:
     if len(pre) != len(sources):
         raise DataError("config.data.paths mixes precomputed feature directories with raw data; "
                         "precompute every component (python -m blip3o_jax.precompute)")
+    # Deliberately lazy: configlib imports the models (jax); Grain workers import this module and must not.
+    from blip3o_jax import configlib
+
     m = config.model
-    want = (m.dit.input_size ** 2, m.dit.in_channels)
+    section, head = configlib.head_section(config), configlib.head_config(config)
+    want = (head.num_tokens, head.in_channels)
     for src in pre:
         if src.feature_shape != want:
             raise DataError(f"{src.directory}: stored target features {src.feature_shape} do not fit this model's "
-                            f"head: (model.dit.input_size**2, model.dit.in_channels) = {want}")
+                            f"head: (target tokens of model.{section}, model.{section}.in_channels) = {want}")
         stored = src.manifest["encoder"]["target_encoder"]
         if m.target_encoder not in ("none", stored):
             raise DataError(f"{src.directory} holds {stored} features but config.model.target_encoder is "
@@ -298,7 +298,7 @@ def make_iterator(config, tokenizer, kind: str, sources: Sequence[tuple[Any, flo
     host slice comes from jax.process_index()/process_count() unless passed in."""
 
     if process_index is None or process_count is None:
-        import jax
+        import jax  # deliberately lazy: Grain workers import this module (HostRows) and must not load jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
     if config.data.global_batch_size % process_count:
@@ -322,7 +322,7 @@ def place_batch(batch: dict[str, np.ndarray], mesh, rules=None) -> dict:
 
     Every process passes its own host batch; the global batch is their concatenation in process order.
     """
-    from blip3o_jax import sharding
+    from blip3o_jax import sharding  # deliberately lazy, as above: sharding imports jax
 
     numeric = {k: v for k, v in batch.items() if np.asarray(v).dtype.kind in "biuf"}
     if rules is None:
@@ -335,7 +335,7 @@ def load_tokenizer(config, data_dir: str | None = None):
     tokenizer folder); for the synthetic demo set without one, the demo's own tokenizer."""
     path = config.data.tokenizer
     if path:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast  # lazy: seconds to import
 
         if path.endswith(".json"):
             return PreTrainedTokenizerFast(tokenizer_file=path)
@@ -343,7 +343,5 @@ def load_tokenizer(config, data_dir: str | None = None):
     if config.data.source == "synthetic" and not config.data.paths:
         if data_dir is None:
             raise ValueError("the synthetic demo tokenizer needs a data_dir")
-        from blip3o_jax.data import synthetic
-
         return synthetic.prepare_demo_data(data_dir, image_size=config.data.image_size, seed=config.data.seed)[1]
     raise ValueError("config.data.tokenizer: set a local tokenizer.json or tokenizer folder (e.g. the checkpoint's)")

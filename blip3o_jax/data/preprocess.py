@@ -1,4 +1,4 @@
-"""Image preprocessing for the target encoders, in numpy + PIL (reference 8.1, 8.3).
+"""Image preprocessing for the target encoders, in numpy + PIL (docs/model.md 8.1, 8.3).
 
 Pure, deterministic functions of the input image: safe in Grain worker processes (no jax import, the
 preprocessors are frozen dataclasses that pickle). Output is float32 NHWC, already normalized with

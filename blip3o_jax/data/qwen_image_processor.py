@@ -31,7 +31,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Qwen2.5-VL-{3B,7B}-Instruct preprocessor_config.json.
 RELEASED_MIN_PIXELS = 56 * 56
 RELEASED_MAX_PIXELS = 28 * 28 * 16384
-# BLIP3-o's understanding evaluation (lmms-eval) overrides them (reference 3.2).
+# BLIP3-o's understanding evaluation (lmms-eval) overrides them (docs/model.md 3.2).
 EVAL_MIN_PIXELS = 256 * 28 * 28
 EVAL_MAX_PIXELS = 2048 * 28 * 28
 

@@ -1,4 +1,4 @@
-"""Training samples exactly as the reference builds them (reference 3.4, 4.3, 4.4, 11).
+"""Training samples exactly as the reference builds them (docs/model.md 3.4, 4.3, 4.4, 11).
 
 Generation (text -> image), as BLIP3-o's ``preprocess_qwen`` + ``DataCollatorForSupervisedDataset``:
 
@@ -13,7 +13,7 @@ Generation (text -> image), as BLIP3-o's ``preprocess_qwen`` + ``DataCollatorFor
 4. ``query_start = len(text) + 1`` (the reference's ``i_s_pos``) is the index of the first query slot;
 5. right padding to ``max_length`` with ``pad_token_id`` (labels -100); ``attention_mask = ids != pad``.
 
-Understanding (image -> text): BLIP3-o's understanding is stock Qwen2.5-VL (reference 3.2), so the
+Understanding (image -> text): BLIP3-o's understanding is stock Qwen2.5-VL (docs/model.md 3.2), so the
 first user turn is the Qwen2.5-VL template's ``<|vision_start|>`` + n x ``<|image_pad|>`` +
 ``<|vision_end|>`` + question (``chat.understanding_prompt``, the form inference uses) with
 n = grid_t * grid_h * grid_w / merge_size^2 for the Qwen2.5-VL processor output of the image; labels,
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -37,7 +38,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from blip3o_jax.data import chat
+from blip3o_jax.data import chat, preprocess
+from blip3o_jax.data.preprocess import ImagePreprocessor
+from blip3o_jax.data.qwen_image_processor import QwenImageProcessor, smart_resize, to_rgb
 
 IGNORE_INDEX = -100
 
@@ -107,7 +110,7 @@ def generation_tokens(tokenizer, caption: str, *, max_length: int, n_query: int,
     ``prompt`` (config.data.generation_prompt): "training" is the reference's training sequence (empty,
     closed assistant turn, chat.t2i_training_prompt); "inference" ends with the open assistant turn
     that inference conditions on (chat.t2i_prompt), removing the reference's train/inference mismatch
-    (reference 4.4): a small backbone's query states differ a lot between the two (configs/demo.py)."""
+    (docs/model.md 4.4): a small backbone's query states differ a lot between the two (configs/demo.py)."""
     if prompt not in GENERATION_PROMPTS:
         raise ValueError(f"generation prompt {prompt!r}; allowed: {GENERATION_PROMPTS}")
     # Messages tokenized one by one as preprocess_qwen does; together they are chat.t2i_training_prompt
@@ -178,8 +181,6 @@ def conversation_from_meta(meta: dict, caption: str | None, caption_question: st
 
 def decode_image(image: Any) -> Image.Image:
     """Encoded bytes or an (H, W, 3) uint8 array -> RGB PIL image; raises on anything undecodable."""
-    from blip3o_jax.data.qwen_image_processor import to_rgb
-
     if isinstance(image, np.ndarray):
         return to_rgb(image)
     pil = Image.open(io.BytesIO(image))
@@ -205,7 +206,7 @@ def decode_record_image(record: dict) -> Image.Image | dict:
 class GenerationTransform:
     """raw record -> {input_ids, attention_mask, labels, query_start, target_image, key} or skip().
 
-    ``target_image`` (image_size, image_size, 3) float32 is the target encoder's input (reference 8.1:
+    ``target_image`` (image_size, image_size, 3) float32 is the target encoder's input (docs/model.md 8.1:
     shorter side resized bicubic, center crop, [0, 1], the encoder's mean/std). A record of a
     precomputed data set (``sources.PrecomputedSource``) gives ``target_features`` (N, C) float32
     instead, and, with ``use_condition``, its stored ``condition`` (n_query, H)."""
@@ -220,8 +221,6 @@ class GenerationTransform:
     prompt: str = "training"  # config.data.generation_prompt (see generation_tokens)
 
     def __post_init__(self):
-        from blip3o_jax.data import preprocess
-
         # No encoder (target_encoder "none") is fine as long as every record is precomputed.
         self.preprocessor = (preprocess.for_encoder(self.target_encoder, self.image_size)
                              if self.target_encoder != "none" else None)
@@ -274,14 +273,10 @@ class UnderstandingTransform:
     ids: SpecialIds = SpecialIds()
 
     def __post_init__(self):
-        from blip3o_jax.data.preprocess import ImagePreprocessor
-        from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
 
         self.geometry = ImagePreprocessor(self.image_size).geometry  # resize + center crop, still uint8
         self.processor = QwenImageProcessor(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
         if self.max_patches is None:
-            from blip3o_jax.data.qwen_image_processor import smart_resize
-
             factor = self.processor.patch_size * self.processor.merge_size
             h, w = smart_resize(self.image_size, self.image_size, factor, self.min_pixels, self.max_pixels)
             self.max_patches = (h // self.processor.patch_size) * (w // self.processor.patch_size)
@@ -309,4 +304,57 @@ class UnderstandingTransform:
         pixel_values[: patches.shape[0]] = patches
         out.update(pixel_values=pixel_values, num_patches=np.asarray(patches.shape[0], np.int32),
                    image_grid_thw=np.asarray(grid, np.int32), key=record["key"])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# blip3o_jax.precompute's worker side: raw record -> preprocessed image (+ prompt tokens)
+
+
+class SelectedRecords:
+    """The records ``indices`` of a source, in that order (a Grain random-access source)."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[int(self.indices[int(i)])]
+
+
+@dataclasses.dataclass
+class PrecomputeTransform:
+    """raw record -> {key, caption, meta, target_image[, input_ids, attention_mask, query_start]} or
+    ``skip(reason)``, with the validity rules and preprocessing of training
+    (``GenerationTransform``). Prompt tokens only when a tokenizer is given (condition states)."""
+
+    image_size: int
+    target_encoder: str
+    tokenizer: Any = None
+    max_length: int = 0
+    n_query: int = 0
+    ids: SpecialIds = SpecialIds()
+    prompt: str = "training"  # config.data.generation_prompt
+
+    def __post_init__(self):
+        self.preprocessor = preprocess.for_encoder(self.target_encoder, self.image_size)
+
+    def __call__(self, record: dict) -> dict:
+        caption = record.get("caption")
+        if not record.get("error") and (caption is None or not caption.strip()):
+            return skip(MISSING_CAPTION, record["key"])
+        image = decode_record_image(record)
+        if isinstance(image, dict):
+            return image
+        meta = record.get("meta") or {}
+        out = {"key": record["key"], "caption": caption,
+               "meta": json.dumps(meta, sort_keys=True, default=str) if meta else None,
+               "target_image": self.preprocessor(image)}
+        if self.tokenizer is not None:
+            tokens = generation_tokens(self.tokenizer, caption, max_length=self.max_length,
+                                                   n_query=self.n_query, ids=self.ids, prompt=self.prompt)
+            out.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                       query_start=tokens["query_start"])
         return out

@@ -1,4 +1,4 @@
-"""Random-access data sources that yield *raw records* (reference 11: webdataset tar shards).
+"""Random-access data sources that yield *raw records* (docs/model.md 11: webdataset tar shards).
 
 Every source is a Grain ``RandomAccessDataSource`` (``__len__`` + ``__getitem__``) with a stable
 ``__repr__`` (Grain compares it when restoring checkpointed iterators) and returns the same record
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import logging
 import os
@@ -278,8 +279,6 @@ class WebDatasetSource:
 
 def write_tar_shard(path: str, samples: Sequence[dict]) -> None:
     """Writes a webdataset shard deterministically: samples are {"__key__": k, ext: bytes|str, ...}."""
-    import io
-
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
             key = sample["__key__"]

@@ -171,8 +171,6 @@ def write_synthetic_shards(out_dir: str, *, num_samples: int = 2048, image_size:
 
 def demo_corpus() -> list[str]:
     """Every caption, question and answer the demo can produce, plus the prompt templates."""
-    from blip3o_jax.data import chat
-
     single = [[{"shape": s, "color": c, "position": p}] for s in SHAPES for c in COLORS for p in POSITIONS]
     texts = [caption_of(o) for o in single]
     for o in single:

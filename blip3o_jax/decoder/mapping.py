@@ -1,4 +1,4 @@
-"""The ``diffusion-decoder/`` folder (diffusers layout, reference 9) -> the Flax pixel decoder.
+"""The ``diffusion-decoder/`` folder (diffusers layout, docs/model.md 9) -> the Flax pixel decoder.
 
 Folder layout read here::
 

@@ -1,4 +1,4 @@
-"""Euler discrete sampling of the pixel decoder and its training loss (reference 9).
+"""Euler discrete sampling of the pixel decoder and its training loss (docs/model.md 9).
 
 The released ``diffusion-decoder/scheduler`` is diffusers' ``EulerDiscreteScheduler`` with 1000 train
 steps, scaled-linear betas 0.00085 -> 0.012, ε prediction, "leading" spacing with steps_offset 1 and
@@ -126,7 +126,7 @@ def size_time_ids(batch: int, height: int, width: int) -> jax.Array:
 
 def space_to_depth(x, patch: int):
     """(B, H, W, C) -> (B, H/p, W/p, p*p*C): each p x p pixel block becomes one position's channels
-    (row-major within the block). A pixel-space decoder with ``pixel_patch`` p (inference.Decoder) runs
+    (row-major within the block). A pixel-space decoder with ``pixel_patch`` p (decoder/pixel_decoder.py) runs
     its UNet on this form, so it works at 1/p of the resolution (the demo: 32 px pictures on a 16x16 grid)."""
     if patch == 1:
         return x
@@ -231,7 +231,7 @@ def decode_features(
     guidance_scale: float = 3.0,
     scheduler: SchedulerConfig = SchedulerConfig(),
 ) -> jax.Array:
-    """Target tokens -> images (B, height, width, 3) float32 in [0, 1] (reference 9 "Sampling").
+    """Target tokens -> images (B, height, width, 3) float32 in [0, 1] (docs/model.md 9 "Sampling").
 
     With ``vae`` the UNet runs on latents of side height / vae.cfg.downscale; without, directly on pixels
     (the tiny demo decoder: in_channels = out_channels = 3, values in [-1, 1]).

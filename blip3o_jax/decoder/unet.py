@@ -1,9 +1,9 @@
-"""SDXL-layout ``UNet2DConditionModel`` of the pixel decoder (reference 9), in Flax NNX.
+"""SDXL-layout ``UNet2DConditionModel`` of the pixel decoder (docs/model.md 9), in Flax NNX.
 
 The BLIP3-o ``diffusion-decoder/`` is Emu2's visual decoder: an SDXL-base UNet whose cross-attention
 reads the 64 target tokens (B, 64, 1792) and whose ``text_time`` added embedding reads their mean plus
 the six size/crop ids. This file ports diffusers' ``UNet2DConditionModel`` for exactly the features
-that layout uses (reference 9 table): DownBlock2D / CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn,
+that layout uses (docs/model.md 9 table): DownBlock2D / CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn,
 CrossAttnUpBlock2D / UpBlock2D, Transformer2DModel with linear projections and per-block depth,
 BasicTransformerBlock (self-attention, cross-attention, GEGLU), GroupNorm 32.
 
@@ -35,7 +35,7 @@ from blip3o_jax.models.attention import dot_product_attention
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """diffusers ``UNet2DConditionModel`` config field names; defaults = Emu2 / BLIP3-o decoder (ref. 9)."""
+    """diffusers ``UNet2DConditionModel`` config field names; defaults = Emu2 / BLIP3-o decoder (docs/model.md 9)."""
 
     sample_size: int = 128  # latent side (1024 px / 8)
     in_channels: int = 4

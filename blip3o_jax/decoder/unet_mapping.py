@@ -1,4 +1,4 @@
-"""PyTorch <-> NNX mapping of the pixel decoder's UNet (decoder/unet.py, reference 9), and the diffusers
+"""PyTorch <-> NNX mapping of the pixel decoder's UNet (decoder/unet.py, docs/model.md 9), and the diffusers
 naming rules it shares with the VAE (vae_mapping.py, as vae.py shares unet.py's building blocks).
 
 Maps diffusers' (0.42) ``UNet2DConditionModel`` keys, as in ``unet/diffusion_pytorch_model.safetensors``

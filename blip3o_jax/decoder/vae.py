@@ -1,4 +1,4 @@
-"""SDXL-layout ``AutoencoderKL`` (encoder and decoder) of the pixel decoder (reference 9), in Flax NNX.
+"""SDXL-layout ``AutoencoderKL`` (encoder and decoder) of the pixel decoder (docs/model.md 9), in Flax NNX.
 
 Ports diffusers' ``AutoencoderKL`` with its default ``Encoder``/``Decoder``: DownEncoderBlock2D /
 UpDecoderBlock2D of ResnetBlock2D (no time embedding, eps 1e-6), a mid block resnet-attention-resnet
@@ -22,7 +22,7 @@ from blip3o_jax.decoder.unet import OUT_CONV_NAMES, Attention, Downsample2D, Gro
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """diffusers ``AutoencoderKL`` config field names; defaults = the SDXL VAE (reference 9)."""
+    """diffusers ``AutoencoderKL`` config field names; defaults = the SDXL VAE (docs/model.md 9)."""
 
     in_channels: int = 3
     out_channels: int = 3

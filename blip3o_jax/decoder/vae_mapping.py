@@ -1,4 +1,4 @@
-"""PyTorch <-> NNX mapping of the pixel decoder's VAE (decoder/vae.py, reference 9).
+"""PyTorch <-> NNX mapping of the pixel decoder's VAE (decoder/vae.py, docs/model.md 9).
 
 Maps diffusers' (0.42) ``AutoencoderKL`` keys, as in ``vae/diffusion_pytorch_model.safetensors`` (no
 prefix), onto ``AutoencoderKL`` paths. vae.py mirrors the diffusers module tree, so the table is derived

@@ -12,6 +12,9 @@ Stages, each in its own folder under WORKDIR and each resumable (a finished stag
                  it needs only the target encoder, so it trains in a background thread while the
                  understanding and generation stages run (on 2 CPU cores one small-op XLA program
                  leaves part of them idle: measured 1.3x the throughput of the two stages in turn)
+  checkpoint     WORKDIR becomes an ordinary model checkpoint (checkpoints.py: params/, config.json,
+                 the tokenizer, diffusion-decoder/, pipeline.json), so ``generate --checkpoint WORKDIR``
+                 reads it like any converted model
   report         held-out prompts -> images scored by pixel statistics; held-out questions ->
                  greedy answers; WORKDIR/report.json and a grid of samples
 """
@@ -24,10 +27,25 @@ import functools
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 
+import jax
 import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from blip3o_jax import checkpoints, configlib, inference, sharding
+from blip3o_jax.data import pipeline, preprocess, synthetic
+from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
+from blip3o_jax.decoder import scheduler
+from blip3o_jax.decoder.pixel_decoder import Decoder
+from blip3o_jax.decoder.unet import UNet2DConditionModel
+from blip3o_jax.demo import scoring as demo_scoring
+from blip3o_jax.models import blip3o as model_lib
 
 
 def _stage_config(cfg, stage: str, steps: int, init_from: str = "", learning_rate: float | None = None):
@@ -48,7 +66,6 @@ def _done(workdir: str) -> bool:
 def _progress(steps, stage: str, position: int | None = None):
     """A progress bar like the trainer's for the demo's own small training loops (``position`` 1 keeps
     the background decoder's bar under the trainer's)."""
-    from tqdm import tqdm
 
     return tqdm(steps, desc=stage, unit="step", mininterval=2.0, dynamic_ncols=True, position=position)
 
@@ -65,16 +82,6 @@ def train_target_encoder(cfg, workdir: str, steps: int) -> None:
     already name these things; a from-scratch ViT learning them only through the language-model loss
     of the understanding stage takes far longer than the demo's budget (measured: it then learns one
     attribute)."""
-    import jax
-    import optax
-    from flax import nnx
-
-    from blip3o_jax import sharding
-    from blip3o_jax import checkpoints
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax.data import preprocess
-    from blip3o_jax.data import synthetic
-    from blip3o_jax.data.qwen_image_processor import QwenImageProcessor
 
     if _done(workdir):
         return
@@ -152,7 +159,7 @@ def train_target_encoder(cfg, workdir: str, steps: int) -> None:
 
 def decoder_uncond(model):
     """The decoder's negative condition: target features of an all-zero (normalized) image, as in the
-    Emu2-style autoencoding path (reference 3.3 b); the same tokens are used in training and sampling."""
+    Emu2-style autoencoding path (docs/model.md 3.3 b); the same tokens are used in training and sampling."""
     s = model.target_encoder.cfg.image_size
     return model.target_encoder.target_features(np.zeros((1, s, s, 3), np.float32))
 
@@ -163,24 +170,14 @@ def train_decoder(cfg, workdir: str, model, steps: int, stop: threading.Event | 
     sample_size * pixel_patch px). The UNet sees the picture ``space_to_depth``-packed
     (``demo.decoder_pixel_patch``): 2x2 pixels per position quarter its convolutions' cost on CPU.
 
-    Returns the ``inference.Decoder``, or None if ``stop`` was set first (nothing is saved then: the
+    Returns the ``Decoder``, or None if ``stop`` was set first (nothing is saved then: the
     stage is short and restarts from scratch)."""
-    import jax
-    import optax
-    from flax import nnx
-
-    from blip3o_jax import configlib, inference, sharding
-    from blip3o_jax import checkpoints
-    from blip3o_jax.data import preprocess
-    from blip3o_jax.decoder import scheduler
-    from blip3o_jax.data import synthetic
-    from blip3o_jax.decoder.unet import UNet2DConditionModel
 
     ucfg = configlib.component(cfg, "decoder")
     patch = cfg.demo.decoder_pixel_patch
     mesh = sharding.make_mesh(cfg.mesh)
-    if _done(workdir):
-        return inference._load_demo_decoder(cfg, os.path.join(workdir, "params"), mesh)
+    if checkpoints.is_decoder_dir(workdir):
+        return checkpoints.load_decoder(workdir, mesh, cfg.sharding.target)
     unet = sharding.create_sharded(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(3)), mesh,
                                    sharding.rules_for(cfg.sharding.target))
     pre = preprocess.for_encoder(cfg.model.target_encoder, cfg.model.eva.image_size)
@@ -189,7 +186,8 @@ def train_decoder(cfg, workdir: str, model, steps: int, stop: threading.Event | 
     uncond = decoder_uncond(model)
     encoder_def, encoder_state = nnx.split(model.target_encoder)
     graphdef, params = nnx.split(unet, nnx.Param)
-    sched_cfg = inference.demo_decoder_scheduler(cfg)
+    # The released decoder's Euler scheduler with the demo's prediction type (see scheduler.py).
+    sched_cfg = scheduler.SchedulerConfig(prediction_type=cfg.demo.decoder_prediction_type)
     lr = cfg.demo.decoder_learning_rate
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2), lr / 10))
     (params, opt_state), shardings = sharding.place_on_mesh((params, tx.init(params)), mesh)
@@ -222,8 +220,9 @@ def train_decoder(cfg, workdir: str, model, steps: int, stop: threading.Event | 
             if (i + 1) % max(steps // 5, 1) == 0:
                 logging.info("decoder step %d/%d: loss %.4f", i + 1, steps, float(loss))
     nnx.update(unet, params)
-    checkpoints.save_params(os.path.join(workdir, "params"), nnx.state(unet))
-    return inference.Decoder(unet, scheduler=sched_cfg, pixel_patch=patch)
+    decoder = Decoder(unet, scheduler=sched_cfg, pixel_patch=patch)
+    checkpoints.save_decoder(decoder, workdir)  # the ordinary decoder layout: params/ + config.json
+    return decoder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +232,6 @@ def train_decoder(cfg, workdir: str, model, steps: int, stop: threading.Event | 
 def understanding_accuracy(pipe, n: int, seed: int) -> dict:
     """Greedy answers (``Pipeline.understand``, as ``python -m blip3o_jax.understand``) to held-out
     questions about freshly rendered scenes, exact match."""
-    from blip3o_jax.data import synthetic
 
     rng = np.random.default_rng(seed)
     correct = 0
@@ -249,10 +247,6 @@ def generation_accuracy(pipe, n: int, seed: int):
     """Held-out single-object prompts -> ``Pipeline.generate_images`` (as ``python -m blip3o_jax.generate``:
     chat template, condition, guided DiT sampling, guided decoder) -> pixels read back by demo_scoring;
     plus a grid of the samples."""
-    from PIL import Image
-
-    from blip3o_jax.demo import scoring as demo_scoring
-    from blip3o_jax.data import synthetic
 
     rng = np.random.default_rng(seed)
     combos = [{"shape": s, "color": c, "position": p} for s in synthetic.SHAPES for c in synthetic.COLORS
@@ -276,11 +270,26 @@ def generation_accuracy(pipe, n: int, seed: int):
 # ---------------------------------------------------------------------------------------------
 
 
+def write_checkpoint(cfg, workdir: str, model_run: str, decoder_dir: str, tokenizer_dir: str) -> None:
+    """Makes WORKDIR an ordinary model checkpoint (checkpoints.py): the last stage's parameters and
+    config, the tokenizer, the pixel decoder in ``diffusion-decoder/`` and the inference defaults the demo
+    decoder needs (it was trained against the zero-image negative; the understanding images are
+    resized as in training)."""
+    source = checkpoints.model_dir(model_run)
+    for name in (checkpoints.PARAMS_DIR, checkpoints.DECODER_DIR):
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+    shutil.copytree(os.path.join(source, checkpoints.PARAMS_DIR), os.path.join(workdir, checkpoints.PARAMS_DIR))
+    shutil.copyfile(os.path.join(source, checkpoints.CONFIG_FILE), os.path.join(workdir, checkpoints.CONFIG_FILE))
+    shutil.copytree(decoder_dir, os.path.join(workdir, checkpoints.DECODER_DIR))
+    checkpoints.copy_tokenizer(tokenizer_dir, workdir)
+    checkpoints.write_pipeline_defaults(workdir, negative="zero_image", und_image_size=cfg.data.und_image_size,
+                                        min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
+
+
 def _use_compilation_cache(workdir: str) -> None:
     """Every stage rebuilds the same model (random init + restore) and the report recompiles the
     samplers: on a 2-core CPU each costs tens of seconds of XLA compilation, so the demo keeps a
     persistent compilation cache in WORKDIR/jax_cache (unless JAX_COMPILATION_CACHE_DIR names one)."""
-    import jax
 
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
@@ -290,9 +299,6 @@ def _use_compilation_cache(workdir: str) -> None:
 def run(cfg, workdir: str, train_stage) -> dict | None:
     """``train_stage`` is ``blip3o_jax.train.train`` (one stage of the trainer). Returns the report, or None
     if a training stage was preempted (SIGTERM: its checkpoint is saved; the same command continues)."""
-    from blip3o_jax import inference, sharding
-    from blip3o_jax.models import blip3o as model_lib
-    from blip3o_jax.data import pipeline
 
     start = time.time()
     d = cfg.demo
@@ -309,7 +315,7 @@ def run(cfg, workdir: str, train_stage) -> dict | None:
     # The same model object later takes the generation stage's weights for the report.
     mesh = sharding.make_mesh(cfg.mesh)
     model = model_lib.build_model(cfg, mesh)
-    model_lib.load_params(model, target_dir, mesh)
+    checkpoints.restore_into(model, target_dir)
     stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decoder") as pool:
         decoder_job = pool.submit(train_decoder, cfg, os.path.join(workdir, "decoder"), model, d.decoder_steps,
@@ -332,12 +338,12 @@ def run(cfg, workdir: str, train_stage) -> dict | None:
         finally:
             stop.set()  # after a normal finish a no-op; otherwise the decoder thread ends within a step
 
-    model_lib.load_params(model, previous, mesh)  # the decoder thread is done with it
+    checkpoints.restore_into(model, previous)  # the decoder thread is done with it
+    write_checkpoint(cfg, workdir, previous, os.path.join(workdir, "decoder"), os.path.join(data_dir, "tokenizer"))
 
-    # The report goes through the inference pipeline of python -m blip3o_jax.generate / understand.
-    pipe = inference.Pipeline(model, tokenizer, cfg, mesh, decoder, negative="zero_image",
-                              und_image_size=cfg.data.und_image_size, min_pixels=cfg.data.min_pixels,
-                              max_pixels=cfg.data.max_pixels)
+    # The report goes through the inference pipeline of python -m blip3o_jax.generate / understand, with
+    # the inference defaults the checkpoint just written declares.
+    pipe = inference.Pipeline(model, tokenizer, cfg, mesh, decoder, **checkpoints.pipeline_defaults(workdir))
     understanding = understanding_accuracy(pipe, d.eval_questions, seed=cfg.data.seed + 101)
     generation, grid = generation_accuracy(pipe, d.eval_prompts, seed=cfg.data.seed + 202)
     samples = os.path.join(workdir, "samples.png")

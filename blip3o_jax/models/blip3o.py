@@ -17,11 +17,12 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax import configlib, flops, sharding
-from blip3o_jax.models.flow import FlowConfig
-from blip3o_jax.models import layers as bnn
 from blip3o_jax.models import heads as heads_lib
+from blip3o_jax.models import layers as bnn
 from blip3o_jax.models.eva_clip import EvaVisionTransformer
-from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL
+from blip3o_jax.models.flow import FlowConfig
+from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL, scatter_image_embeds
+from blip3o_jax.models.qwen_vision import get_rope_index
 from blip3o_jax.models.siglip2 import Siglip2VisionModel
 
 
@@ -31,12 +32,13 @@ class Blip3oConfig:
 
     llm: Any
     vision: Any | None
-    head: Any  # DiTConfig
+    head: Any  # the config dataclass of the generation head's section (DiTConfig for the released head)
     eva: Any
     siglip2: Any
     n_query: int = 64
     query_init_std: float = 1.0
     gen_head: str = "flow"
+    denoiser: str = "dit"
     target_encoder: str = "eva_clip"
     gen_start_token_id: int = 151665
     image_pad_token_id: int = 151655
@@ -52,12 +54,13 @@ class Blip3oConfig:
         return cls(
             llm=configlib.component(cfg, "llm"),
             vision=configlib.component(cfg, "vision"),
-            head=configlib.component(cfg, "dit"),
+            head=configlib.head_config(cfg),
             eva=configlib.component(cfg, "eva"),
             siglip2=configlib.component(cfg, "siglip2"),
             n_query=m.n_query,
             query_init_std=m.query_init_std,
             gen_head=m.gen_head,
+            denoiser=m.denoiser,
             target_encoder=m.target_encoder,
             gen_start_token_id=m.gen_start_token_id,
             image_pad_token_id=m.image_pad_token_id,
@@ -78,12 +81,13 @@ class Blip3o(nnx.Module):
             cfg.llm, cfg.vision, image_token_id=cfg.image_pad_token_id,
             vision_start_token_id=cfg.vision_start_token_id, **kw,
         )
-        # torch.randn init (std 1, not scaled), reference 4.5 (config.model.query_init_std).
+        # torch.randn init (std 1, not scaled), docs/model.md 4.5 (config.model.query_init_std).
         self.latent_queries = bnn.param(
             rngs, nnx.initializers.normal(cfg.query_init_std), (1, cfg.n_query, cfg.llm.hidden_size), (None, "queries", "embed"),
             param_dtype,
         )
-        self.gen_head = heads_lib.build_head(cfg.gen_head, cfg.head, n_query=cfg.n_query, flow_cfg=cfg.flow, **kw)
+        self.gen_head = heads_lib.build_head(cfg.gen_head, cfg.head, denoiser=cfg.denoiser, n_query=cfg.n_query,
+                                             flow_cfg=cfg.flow, **kw)
         if cfg.target_encoder == "eva_clip":
             self.target_encoder = EvaVisionTransformer(cfg.eva, **kw)
         elif cfg.target_encoder == "siglip2":
@@ -97,14 +101,14 @@ class Blip3o(nnx.Module):
         return self.backbone.lm_logits(input_ids, attention_mask, pixel_values, image_grid_thw)
 
     def condition(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
-        """Text-to-image conditioning (reference 3.1 steps 2-4): (B, n_query, H) final-norm states.
+        """Text-to-image conditioning (docs/model.md 3.1 steps 2-4): (B, n_query, H) final-norm states.
 
         The marker id and the queries are appended after the whole (padded) prompt; their positions
         count only real tokens and padding is masked out of attention, so each row sees exactly
         ``prompt, [IMG], q_1 .. q_n`` at positions ``0 .. L_i + n`` as in the batch-1 reference, for
         left and right padding alike.
 
-        With ``pixel_values`` / ``image_grid_thw`` (Hugging Face processor layout, reference 3.3a) the
+        With ``pixel_values`` / ``image_grid_thw`` (Hugging Face processor layout, docs/model.md 3.3a) the
         Qwen ViT features are written at the image-pad positions of ``input_ids``; positions stay 1-D
         (token counts, no M-RoPE image positions), as in the reference's image-conditioned path.
         """
@@ -137,7 +141,7 @@ class Blip3o(nnx.Module):
     # ---- pieces used by training ---------------------------------------------------------------
 
     def query_states(self, input_ids, attention_mask, query_start) -> jax.Array:
-        """Training form (reference 3.4): queries overwrite the embeddings of the n_query slots that
+        """Training form (docs/model.md 3.4): queries overwrite the embeddings of the n_query slots that
         start at ``query_start`` (B,); returns the final-norm states there (B, n_query, H)."""
         embeds = self.backbone.embed(input_ids)
         slots = query_start[:, None] + jnp.arange(self.cfg.n_query)[None]  # (B, n)
@@ -172,8 +176,6 @@ class Blip3o(nnx.Module):
         embeds = self.backbone.embed(input_ids)
         positions = None
         if image_grid is not None:
-            from blip3o_jax.models.qwen2_5_vl import scatter_image_embeds
-
             b = input_ids.shape[0]
             pixels = batch["pixel_values"].reshape((-1, batch["pixel_values"].shape[-1]))
             feats = self.backbone.visual(pixels, np.tile(np.asarray(image_grid, np.int64), (b, 1)))
@@ -192,8 +194,6 @@ class Blip3o(nnx.Module):
 
 @nnx.jit
 def _condition(model: Blip3o, input_ids, attention_mask, image_embeds=None):
-    from blip3o_jax.models.qwen2_5_vl import scatter_image_embeds
-
     b = input_ids.shape[0]
     n = model.cfg.n_query
     marker = model.backbone.embed(jnp.full((b, 1), model.cfg.gen_start_token_id, jnp.int32))
@@ -288,8 +288,6 @@ def prepare_batch(host: dict, cfg) -> tuple[dict, tuple | None]:
     if (grids != grids[0]).any() or (num_patches != host["pixel_values"].shape[1]).any():
         raise ValueError("understanding batches need one image size per run (fixed shapes under jit); got grids "
                          f"{np.unique(grids, axis=0).tolist()} - set config.data.und_image_size/max_patches")
-    from blip3o_jax.models.qwen_vision import get_rope_index
-
     m = cfg.model
     positions, _ = get_rope_index(host["input_ids"], grids, host["attention_mask"],
                                   spatial_merge_size=m.vision.spatial_merge_size,
@@ -303,41 +301,34 @@ def param_count(tree) -> int:
 
 
 def step_flops(cfg, stage: str, n_trainable: int, precomputed: bool = False) -> float:
-    """Analytic FLOPs of one optimizer step (flops.py conventions). ``precomputed``: the batches carry
-    precomputed target features (``blip3o_jax.precompute``), so no target-encoder forward pass runs."""
+    """Analytic FLOPs of one optimizer step (flops.py conventions: weight matmuls plus attention's score
+    and value matmuls). ``precomputed``: the batches carry precomputed target features
+    (``blip3o_jax.precompute``), so no target-encoder forward pass runs. The generation head counts
+    itself (heads.forward_flops)."""
     _, abstract = abstract_model(cfg, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    m = cfg.model
     b, length = cfg.data.global_batch_size, cfg.data.max_length
-    llm = param_count(abstract["backbone"]["model"])
-    head = param_count(abstract["gen_head"])
-    target = param_count(abstract["target_encoder"]) if "target_encoder" in abstract and not precomputed else 0
-    n_tokens_target = (cfg.model.eva.image_size // cfg.model.eva.patch_size) ** 2 + 1
+    llm_params = param_count(abstract["backbone"]["model"])
+    head_params = param_count(abstract["gen_head"])
+    mode_factor = {"forward": 1, "backprop": 2, "train": 3}
+
+    def llm(mode: str) -> float:
+        return (flops.dense_flops(llm_params, b * length, mode)
+                + flops.attention_flops(m.llm.num_hidden_layers, length, m.llm.hidden_size, b, mode))
+
     total = 0.0
     if stage in ("generation", "instruction", "joint"):
         # Gradients flow back through the LLM to trainable queries; frozen ones need its forward pass only.
-        llm_mode = "train" if stage == "joint" else "forward" if cfg.train.freeze_latent_queries else "backprop"
-        total += flops.dense_flops(llm, b * length, llm_mode)
-        total += flops.dense_flops(head, b * (cfg.model.dit.input_size // cfg.model.dit.patch_size) ** 2, "train")
-        total += flops.dense_flops(target, b * n_tokens_target, "forward")
+        total += llm("train" if stage == "joint" else "forward" if cfg.train.freeze_latent_queries else "backprop")
+        head = heads_lib.forward_flops(m.gen_head, m.denoiser, configlib.head_config(cfg), m.n_query, head_params)
+        total += mode_factor["train"] * b * head
+        if "target_encoder" in abstract and not precomputed:
+            if m.target_encoder == "eva_clip":
+                tokens, layers, width = (m.eva.image_size // m.eva.patch_size) ** 2 + 1, m.eva.layers, m.eva.width
+            else:
+                tokens, layers, width = m.siglip2.num_patches, m.siglip2.num_hidden_layers, m.siglip2.hidden_size
+            total += (flops.dense_flops(param_count(abstract["target_encoder"]), b * tokens, "forward")
+                      + flops.attention_flops(layers, tokens, width, b, "forward"))
     if stage in ("understanding", "joint"):
-        total += flops.dense_flops(llm, b * length, "train")
+        total += llm("train")
     return total
-
-
-def load_params(model: Blip3o, path: str, mesh=None) -> None:
-    """Parameter-only initialisation in place: from an Orbax parameter checkpoint of this project
-    (``convert`` output, a finished stage's ``WORKDIR/params``, or that WORKDIR) or from a PyTorch directory in the
-    released layout. Arrays land in the shardings the model already has."""
-    import os
-
-    from blip3o_jax import checkpoints
-
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "params", "params")):  # a finished stage's WORKDIR
-        path = os.path.join(path, "params")
-    if os.path.isdir(os.path.join(path, "params")):
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), nnx.state(model))
-        nnx.update(model, checkpoints.restore_params(path, abstract))
-        return
-    from blip3o_jax import convert
-
-    convert.load_into(model, path)

@@ -1,12 +1,12 @@
-"""NextDiT cross-attention flow head of BLIP3-o (reference section 5).
+"""NextDiT cross-attention flow head of BLIP3-o (docs/model.md 5).
 
 The head predicts the flow-matching velocity (noise - x0) of a grid of target tokens (EVA-CLIP
 features by default, VAE latents in the design-space variant) from noisy tokens, a timestep on the
 0..1000 scale and the LLM's query states. It is diffusers' ``LuminaNextDiT2DModel`` with BLIP3-o's
-two changes (reference 5.5): a caption-projection MLP in front (C -> D -> D, so every block's
+two changes (docs/model.md 5.5): a caption-projection MLP in front (C -> D -> D, so every block's
 cross-attention and the caption pooling run at width D) and no ``pad_token``.
 
-Per block (reference 5.3): adaLN scale/gate modulation from the time+caption embedding, sandwich
+Per block (docs/model.md 5.3): adaLN scale/gate modulation from the time+caption embedding, sandwich
 RMSNorms, q/k LayerNorm across all heads, 2-D Lumina RoPE on the self-attention q/k and the
 cross-attention q, per-head tanh-gated cross-attention summed with self-attention before ONE shared
 output projection (``attn2.to_out.0``), SwiGLU feed-forward. Blocks are stacked along a 'layers'
@@ -56,7 +56,7 @@ class DiTConfig:
 
     @property
     def temb_dim(self) -> int:
-        """Width T of the time/caption conditioning vector (min(D, 1024), reference 5.1)."""
+        """Width T of the time/caption conditioning vector (min(D, 1024), docs/model.md 5.1)."""
         return min(self.dim, 1024)
 
     @property
@@ -69,7 +69,7 @@ def ffn_hidden_dim(cfg: DiTConfig) -> int:
     """SwiGLU width: int(2/3 * 4D), times ffn_dim_multiplier if set, rounded up to multiple_of.
 
     This is the stock diffusers rule (4864 for D = 1792), which the released checkpoint uses
-    (reference 1 #6; the repo copy on diffusers >= 0.33 would silently build 7168).
+    (docs/model.md fact 6; the repo copy on diffusers >= 0.33 would silently build 7168).
     """
     hidden = int(4 * 2 * cfg.dim / 3)
     if cfg.ffn_dim_multiplier:
@@ -111,7 +111,7 @@ def _gelu_tanh(x):
 
 
 def rope_2d(grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
-    """Lumina 2-D RoPE (reference 5.4) for a row-major grid: cos, sin of shape (grid_h*grid_w, head_dim/2).
+    """Lumina 2-D RoPE (docs/model.md 5.4) for a row-major grid: cos, sin of shape (grid_h*grid_w, head_dim/2).
 
     Complex pair k of a head is (x[2k], x[2k+1]); pair 2j turns by row*theta_j, pair 2j+1 by
     col*theta_j, theta_j = theta**(-j / (head_dim/4)). Float32 like diffusers' table.
@@ -192,7 +192,7 @@ class Attention(nnx.Module):
         q = apply_rope(q, *rope)
         if rope_on_keys:
             k = apply_rope(k, *rope)
-        return dot_product_attention(q, k, v)  # all-ones caption mask (reference 5.3)
+        return dot_product_attention(q, k, v)  # all-ones caption mask (docs/model.md 5.3)
 
 
 class FeedForward(nnx.Module):
@@ -226,7 +226,7 @@ class RMSNormZero(nnx.Module):
 
 
 class Block(nnx.Module):
-    """LuminaNextDiTBlock (reference 5.3) with cross-attention width D."""
+    """LuminaNextDiTBlock (docs/model.md 5.3) with cross-attention width D."""
 
     def __init__(self, cfg: DiTConfig, *, dtype, param_dtype, rules=None, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -1,4 +1,4 @@
-"""PyTorch <-> NNX mapping of the DiT head (models/dit.py, reference 5.6).
+"""PyTorch <-> NNX mapping of the DiT head (models/dit.py, docs/model.md 5.6).
 
 Maps the released BLIP3-o keys ``model.dit.model.<name>`` (BLIP3-o's NextDiT, diffusers'
 ``LuminaNextDiT2DModel`` names) onto ``DiT`` parameter paths: dots become ``/``, ``weight`` becomes

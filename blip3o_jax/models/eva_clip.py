@@ -1,4 +1,4 @@
-"""EVA-CLIP vision transformer, the BLIP3-o generation target (reference section 8.1).
+"""EVA-CLIP vision transformer, the BLIP3-o generation target (docs/model.md 8.1).
 
 BLIP3-o's DiT learns to generate the output of EVA-CLIP-E/14-plus at 448 px: the last block's tokens
 with the CLS token dropped and *no* final LayerNorm, average-pooled 4x4 over the 32x32 token grid to
@@ -6,7 +6,7 @@ with the CLS token dropped and *no* final LayerNorm, average-pooled 4x4 over the
 ``EvaConfig`` and exposes ``target_features(images)`` (contract.md section 2).
 
 Architecture (identical to EVA-CLIP's ``EVAVisionTransformer`` with the flags BLIP3-o uses, and to
-timm's ``Eva(use_post_norm=True)`` up to timm's split q/v biases, reference 8.2):
+timm's ``Eva(use_post_norm=True)`` up to timm's split q/v biases, docs/model.md 8.2):
   conv patch embedding -> prepend CLS -> + learned absolute position embedding ->
   ``layers`` post-norm blocks: x = x + LN1(Attn(x)); x = x + LN2(MLP(x))   (LayerNorm eps 1e-6)
   with one fused, biased qkv projection (q | k | v blocks, heads contiguous inside each) and an
@@ -73,7 +73,7 @@ def parse_pooling(pooling: str) -> int:
 def avg_pool_tokens(tokens: jax.Array, k: int) -> jax.Array:
     """(B, g*g, C) row-major token grid -> (B, (g/k)^2, C): k x k average pooling, stride k, row-major.
 
-    Same as reshaping to (B, C, g, g), ``F.avg_pool2d(k, k)`` and flattening back (reference 8.1).
+    Same as reshaping to (B, C, g, g), ``F.avg_pool2d(k, k)`` and flattening back (docs/model.md 8.1).
     """
     b, n, c = tokens.shape
     g = math.isqrt(n)
@@ -94,7 +94,7 @@ class EvaAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
-        # Output columns are [q | k | v], each holding the heads contiguously (reference 8.1).
+        # Output columns are [q | k | v], each holding the heads contiguously (docs/model.md 8.1).
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
         out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
@@ -193,7 +193,7 @@ class EvaVisionTransformer(nnx.Module):
         cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype), (x.shape[0], 1, x.shape[2]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(self.dtype)
         x = nn.scan_layers(self.blocks, x, remat=self.remat)
-        return x[:, 1:]  # drop CLS; no final norm (reference 8.1)
+        return x[:, 1:]  # drop CLS; no final norm (docs/model.md 8.1)
 
     def target_features(self, images: jax.Array) -> jax.Array:
         """contract.md ``target_features``: (B, S, S, 3) normalized images -> (B, N, width) float32."""

@@ -1,4 +1,4 @@
-"""PyTorch <-> NNX mapping of the EVA-CLIP target encoder (models/eva_clip.py, reference 8.1 / 8.2 / 10.1).
+"""PyTorch <-> NNX mapping of the EVA-CLIP target encoder (models/eva_clip.py, docs/model.md 8.1 / 8.2 / 10.1).
 
 Maps EVA-CLIP ``EVAVisionTransformer`` names (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
 ``blocks.{i}.*``) onto ``EvaVisionTransformer`` paths: dots become ``/``, ``weight`` becomes ``kernel``
@@ -17,7 +17,7 @@ names:
 a ``weights.Rule`` (one NNX array built from two tensors plus zeros), so ``FusedQkvBiasView`` presents
 such a checkpoint as the fused layout: it serves ``attn.qkv.bias = [q_bias, 0, v_bias]``. A zero k bias
 is exact for timm / Emu2 and harmless in general: a k bias adds the same constant to every logit of a
-query, which softmax cancels (reference 8.2).
+query, which softmax cancels (docs/model.md 8.2).
 
 Rule of the table: every weight is mapped exactly once; weights.load_component checks coverage both
 ways before reading any tensor. Tensors of the EVA file that the target path never uses (the final
@@ -42,7 +42,7 @@ from blip3o_jax.weights import Rule
 
 RELEASED_PREFIX = "model.gen_vision_tower.vision_tower.model."
 
-# Parts of EVA / timm checkpoints after the last block: not part of the BLIP3-o target (reference 8.1).
+# Parts of EVA / timm checkpoints after the last block: not part of the BLIP3-o target (docs/model.md 8.1).
 UNUSED_AFTER_BLOCKS = (r"norm\.", r"fc_norm\.", r"head\.")
 
 

@@ -1,5 +1,5 @@
-"""Flow matching for the generation head: the training objective (reference 6) and the guided Euler
-sampler (reference 7).
+"""Flow matching for the generation head: the training objective (docs/model.md 6) and the guided Euler
+sampler (docs/model.md 7).
 
 Conventions (rectified flow as in diffusers' FlowMatchEulerDiscreteScheduler): sigma = 1 is pure noise,
 ``x_sigma = (1 - sigma) x0 + sigma noise``, the head predicts the velocity ``noise - x0`` and is fed
@@ -60,7 +60,7 @@ def sampling_schedule(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas (num_steps + 1,) float32 ending in 0, timesteps (num_steps,) int32 fed to the head).
 
-    Default = reference 7: sigmas linspace(1, 1/30, 30) + [0], timesteps int(1000 sigma) =
+    Default = docs/model.md 7: sigmas linspace(1, 1/30, 30) + [0], timesteps int(1000 sigma) =
     1000, 966, 933, 900, ..., 33 (float32 product truncated toward zero, as torch's int64 cast).
     """
     sigmas = _shift(np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32), shift)

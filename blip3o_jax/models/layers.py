@@ -22,7 +22,7 @@ flax.config.update("flax_always_shard_variable", False)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Torch's nn.Linear default init (kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in))) for kernels and
-# biases, so models trained from scratch start like the PyTorch original (reference 5.7).
+# biases, so models trained from scratch start like the PyTorch original (docs/model.md 5.7).
 torch_linear_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 

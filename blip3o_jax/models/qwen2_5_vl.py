@@ -31,6 +31,7 @@ from flax import nnx
 
 from blip3o_jax.models import layers as nn
 from blip3o_jax.models.attention import dot_product_attention
+from blip3o_jax.models.qwen_vision import QwenVisionConfig, QwenVisionTower, get_rope_index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,25 +50,7 @@ class QwenTextConfig:
     tie_word_embeddings: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class QwenVisionConfig:
-    """transformers Qwen2.5-VL vision_config field names; defaults = the released 7B/3B tower."""
-
-    depth: int = 32
-    hidden_size: int = 1280
-    num_heads: int = 16
-    intermediate_size: int = 3420
-    in_channels: int = 3
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    window_size: int = 112
-    fullatt_block_indexes: tuple = (7, 15, 23, 31)
-    out_hidden_size: int = 3584
-    rms_norm_eps: float = 1e-6
-
-
-# Released Qwen2.5 special-token ids (reference 4.3); the demo's tiny vocabulary overrides them.
+# Released Qwen2.5 special-token ids (docs/model.md 4.3); the demo's tiny vocabulary overrides them.
 IMAGE_TOKEN_ID = 151655  # <|image_pad|>
 VISION_START_TOKEN_ID = 151652  # <|vision_start|>
 
@@ -312,9 +295,6 @@ class Qwen2_5_VL(nnx.Module):
                 raise ValueError(
                     f"vision out_hidden_size {vision_cfg.out_hidden_size} != text hidden_size {text_cfg.hidden_size}"
                 )
-            # Imported here: qwen_vision imports the config dataclasses from this module.
-            from blip3o_jax.models.qwen_vision import QwenVisionTower
-
             self.visual = QwenVisionTower(vision_cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
         else:
             self.visual = None
@@ -370,7 +350,6 @@ class Qwen2_5_VL(nnx.Module):
             positions = text_position_ids(attention_mask)
             deltas = np.zeros((input_ids.shape[0], 1), np.int64)
             return embeds, attention_mask, positions, deltas
-        from blip3o_jax.models.qwen_vision import get_rope_index
 
         if self.visual is None:
             raise ValueError("this backbone was built without a vision tower (vision_cfg=None)")
@@ -404,7 +383,6 @@ class Qwen2_5_VL(nnx.Module):
 
 __all__ = [
     "QwenTextConfig",
-    "QwenVisionConfig",
     "QwenTextModel",
     "Qwen2_5_VL",
     "mrope_cos_sin",

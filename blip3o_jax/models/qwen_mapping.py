@@ -1,4 +1,4 @@
-"""PyTorch <-> NNX mapping of Qwen2.5-VL (models/qwen2_5_vl.py, reference 10.2): the text model and,
+"""PyTorch <-> NNX mapping of Qwen2.5-VL (models/qwen2_5_vl.py, docs/model.md 10.2): the text model and,
 through qwen_vision_mapping.py, its vision tower; plus the translation of its config.json.
 
 Maps transformers' ``Qwen2_5_VLForConditionalGeneration`` names onto ``Qwen2_5_VL`` paths: dots become

@@ -31,6 +31,7 @@ flattened patch; it is kept as an ``nnx.Conv`` kernel in (t, h, w, I, O) layout 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -40,7 +41,26 @@ from flax import nnx
 
 from blip3o_jax.models import layers as nn
 from blip3o_jax.models.attention import dot_product_attention
-from blip3o_jax.models.qwen2_5_vl import QwenVisionConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """transformers Qwen2.5-VL vision_config field names; defaults = the released 7B/3B tower."""
+
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple = (7, 15, 23, 31)
+    out_hidden_size: int = 3584
+    rms_norm_eps: float = 1e-6
+
+
 
 # Base of the axial vision RoPE: fixed by the architecture, absent from the released config.json
 # (transformers' Qwen2_5_VLVisionConfig default).

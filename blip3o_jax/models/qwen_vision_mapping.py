@@ -1,4 +1,4 @@
-"""PyTorch <-> NNX mapping of the Qwen2.5-VL vision tower (models/qwen_vision.py, reference 10.1).
+"""PyTorch <-> NNX mapping of the Qwen2.5-VL vision tower (models/qwen_vision.py, docs/model.md 10.1).
 
 Maps transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` names under ``visual.`` (the released
 transformers-4.51 naming, also what transformers 5 ``save_pretrained`` writes; transformers-5 in-memory
@@ -20,8 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from blip3o_jax import sharding, weights
-from blip3o_jax.models.qwen2_5_vl import QwenVisionConfig
-from blip3o_jax.models.qwen_vision import QwenVisionTower
+from blip3o_jax.models.qwen_vision import QwenVisionConfig, QwenVisionTower
 from blip3o_jax.weights import Rule
 
 PREFIX = "visual."

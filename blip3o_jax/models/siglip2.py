@@ -1,4 +1,4 @@
-"""SigLIP2 vision encoder as an alternative generation target (reference section 8.3).
+"""SigLIP2 vision encoder as an alternative generation target (docs/model.md 8.3).
 
 Ports transformers' ``Siglip2VisionModel`` (5.23.0) for fixed-size square images, all patches valid:
   patch embedding = Linear over flattened patches (SigLIP2's layout: (row, col, channel) inside a
@@ -6,7 +6,7 @@ Ports transformers' ``Siglip2VisionModel`` (5.23.0) for fixed-size square images
   bilinearly with antialias to the image's patch grid -> pre-norm encoder layers
   (x = x + Attn(LN1(x)); x = x + MLP(LN2(x)), tanh-GELU MLP) -> post_layernorm.
 
-The BLIP3-o SigLIP2 target (reference 8.3, the SigLIP2 + SANA recipe) is ``hidden_states[-2]``: the
+The BLIP3-o SigLIP2 target (docs/model.md 8.3, the SigLIP2 + SANA recipe) is ``hidden_states[-2]``: the
 output of the penultimate layer, *before* ``post_layernorm``, adaptive-average-pooled over the token
 grid to ``num_pooled_tokens`` (8x8 = 64). ``hidden_states`` counts as in transformers: index 0 is the
 embedding output, index i the output of layer i. Layers after the feature layer are not run.

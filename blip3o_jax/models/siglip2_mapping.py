@@ -1,4 +1,4 @@
-"""PyTorch <-> NNX mapping of the SigLIP2 vision encoder (models/siglip2.py, reference 8.3).
+"""PyTorch <-> NNX mapping of the SigLIP2 vision encoder (models/siglip2.py, docs/model.md 8.3).
 
 Maps transformers-5 ``Siglip2VisionModel`` names (``embeddings.*``, ``encoder.layers.{i}.*``,
 ``post_layernorm.*``) onto ``Siglip2VisionModel`` paths: dots become ``/``, ``weight`` becomes
