@@ -9,37 +9,18 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from blip3o_jax import configlib
-from blip3o_jax.models.flow import FlowConfig
 from blip3o_jax.models import heads
 from blip3o_jax.models.dit import DiTConfig
+from blip3o_jax.models.flow import FlowConfig
+from tests.references.training import train_fixed_batch
 
 # A VAE-latent target: 4 latent channels on an 8x8 latent grid, 2x2 patches -> 16 DiT tokens.
 VAE_CFG = DiTConfig(input_size=8, patch_size=2, in_channels=4, dim=64, n_layers=2, n_heads=4, n_kv_heads=4,
                     multiple_of=32, latent_embedding_size=32)
-
-
-def train_fixed_batch(head, loss_fn, steps: int, lr: float) -> list[float]:
-    """Adam on ``loss_fn(head)``, one jitted step; returns every step's loss."""
-    graphdef, params = nnx.split(head, nnx.Param)
-    opt = optax.adam(lr)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = opt.init(params), []
-    for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
-    nnx.update(head, params)
-    return losses
 
 
 def test_registry_is_the_config_schema():

@@ -17,7 +17,6 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
@@ -28,6 +27,7 @@ from blip3o_jax.models import flow, heads
 from blip3o_jax.models.denoisers.mixer import Mixer, MixerConfig
 from blip3o_jax.models.flow import FlowConfig
 from tests.references.configs import demo_config
+from tests.references.training import train_fixed_batch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = MixerConfig(input_size=4, in_channels=8, latent_embedding_size=16, dim=32, n_layers=2, token_mlp_dim=8,
@@ -55,25 +55,6 @@ def perturbed(model: nnx.Module, seed: int = 0) -> dict:
 
 def flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     return {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def train_fixed_batch(head, loss_fn, steps: int, lr: float) -> list[float]:
-    """Adam on ``loss_fn(head)``, one jitted step; returns every step's loss."""
-    graphdef, params = nnx.split(head, nnx.Param)
-    opt = optax.adam(lr)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    opt_state, losses = opt.init(params), []
-    for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
-    nnx.update(head, params)
-    return losses
 
 
 def dot_flops(jaxpr) -> float:

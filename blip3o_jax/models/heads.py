@@ -167,11 +167,6 @@ def config_section(gen_head: str, denoiser: str) -> str:
     return denoiser if head_spec(gen_head).config is None else gen_head
 
 
-def config_class(gen_head: str, denoiser: str) -> type:
-    spec = head_spec(gen_head)
-    return velocity_net_spec(denoiser).config if spec.config is None else spec.config
-
-
 def check(gen_head: str, denoiser: str, cfg) -> list[tuple[str, str]]:
     """The (field, problem) list of the active head's config."""
     spec = head_spec(gen_head)
