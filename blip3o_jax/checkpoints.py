@@ -257,6 +257,8 @@ def load_model(path: str | os.PathLike, dtype: Any | None = None, mesh: jax.shar
             model.cfg.param_dtype, model.cfg.target_encoder != "none")
         return model, cfg
     cfg = read_config(path)
+    # The config's own ids against its vocabulary (abstract_model checks too; this names the file).
+    model_lib.check_config_token_ids(cfg, source=os.path.join(path, CONFIG_FILE))
     if dtype is not None:
         cfg.model.dtype = cfg.model.param_dtype = jnp.dtype(dtype).name
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)

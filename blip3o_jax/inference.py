@@ -86,7 +86,13 @@ class Pipeline:
         self.processor = qip.QwenImageProcessor(min_pixels=min_pixels or qip.RELEASED_MIN_PIXELS,
                                                 max_pixels=max_pixels or qip.RELEASED_MAX_PIXELS)
         self.und_image_size, self.edit_image_size = und_image_size, edit_image_size
-        self.pad_token_id = int(cfg.model.pad_token_id)
+        # Padding takes the tokenizer's pad id, the config's only when the tokenizer has none: a small or
+        # fine-tuned model's config may keep the released 151643 beyond its vocabulary. Checked against
+        # the embedding wherever it is used (check_tokens), before any device work.
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = int(cfg.model.pad_token_id if pad is None else pad)
+        self._pad_source = ("tokenizer.pad_token_id" if pad is not None
+                            else "config model.pad_token_id; the tokenizer has no pad token")
         self._negative_cache: dict[tuple, jax.Array] = {}
 
     # -- loading ----------------------------------------------------------------------------------
@@ -137,7 +143,13 @@ class Pipeline:
             if row:
                 out[r, length - len(row):] = row
                 mask[r, length - len(row):] = 1
-        return out, mask
+        return self.check_tokens(out, "Pipeline.encode: the tokenizer's ids of the prompts"), mask
+
+    def check_tokens(self, ids, source: str) -> np.ndarray:
+        """The padding id, then ``ids``, checked against the model's embedding table on the host
+        (models.qwen2_5_vl.TokenIdError names the id, the vocabulary size and ``source``)."""
+        self.model.backbone.check_ids(self.pad_token_id, f"the padding id ({self._pad_source})")
+        return self.model.backbone.check_ids(ids, source)
 
     def image_prompt(self, text: str, image) -> tuple[str, np.ndarray, np.ndarray]:
         """3.3a: (chat prompt with the image placeholder, pixel_values, image_grid_thw) for one image."""
@@ -296,6 +308,7 @@ class Pipeline:
         merge = self.model.backbone.vision_cfg.spatial_merge_size
         prompt = chat.understanding_prompt(question, chat.num_image_tokens(grid, merge))
         ids = np.asarray([self.tokenizer.encode(prompt, add_special_tokens=False)], np.int32)
+        ids = self.check_tokens(ids, "Pipeline.understand: the tokenizer's ids of the prompt")
         stops = self.stop_token_ids()
         with jax.set_mesh(self.mesh):
             out = decode.generate(self.model.backbone, ids, max_new_tokens=max_new_tokens, eos_token_ids=stops,

@@ -289,6 +289,7 @@ def precompute(cfg, out_dir: str, *, model=None, tokenizer=None, data_dir: str |
         elements = iter(ds)
 
     def run(host_batch):
+        model_lib.check_batch_ids(host_batch, cfg, "precompute batch")  # host-side, before the jitted pass
         with jax.set_mesh(mesh):
             out = encode(state, sharding.shard_host_batch(host_batch, mesh))
         return {k: _to_host(v, mesh) for k, v in out.items()}

@@ -97,7 +97,8 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # ---- The jitted training step -------------------------------------------------------------
-    first_host, image_grid = model_lib.prepare_batch(next(batches), cfg)  # the static image grid, if any
+    # The static image grid, if any; prepare_batch also checks each batch's ids (source named in errors).
+    first_host, image_grid = model_lib.prepare_batch(next(batches), cfg, "the first training batch")
     precomputed = "target_features" in first_host  # no target-encoder pass to count in the MFU
 
     def loss_fn(params, frozen_params, batch, rng):
@@ -164,7 +165,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
             if first_host is not None:
                 host, grid, first_host = first_host, image_grid, None
             else:
-                host, grid = model_lib.prepare_batch(next(batches), cfg)
+                host, grid = model_lib.prepare_batch(next(batches), cfg, f"the training batch of step {step + 1}")
             if grid != image_grid:
                 raise ValueError(f"image grid changed from {image_grid} to {grid} mid-run (fixed shapes under jit)")
             batch = sharding.shard_host_batch(host, mesh)

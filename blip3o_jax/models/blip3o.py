@@ -21,7 +21,7 @@ from blip3o_jax.models import heads as heads_lib
 from blip3o_jax.models import layers as bnn
 from blip3o_jax.models.eva_clip import EvaVisionTransformer
 from blip3o_jax.models.flow import FlowConfig
-from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL, scatter_image_embeds
+from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL, TokenIdError, check_token_ids, scatter_image_embeds
 from blip3o_jax.models.qwen_vision import get_rope_index
 from blip3o_jax.models.siglip2 import Siglip2VisionModel
 
@@ -98,6 +98,7 @@ class Blip3o(nnx.Module):
     # ---- contract methods ----------------------------------------------------------------------
 
     def lm_logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        input_ids = self.backbone.check_ids(input_ids, "Blip3o.lm_logits input_ids")
         return self.backbone.lm_logits(input_ids, attention_mask, pixel_values, image_grid_thw)
 
     def condition(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
@@ -112,7 +113,9 @@ class Blip3o(nnx.Module):
         Qwen ViT features are written at the image-pad positions of ``input_ids``; positions stay 1-D
         (token counts, no M-RoPE image positions), as in the reference's image-conditioned path.
         """
-        input_ids = jnp.asarray(input_ids)
+        # Host-side, before jit: every id (padding included; see TokenIdError). The marker id was checked
+        # when the model was built (check_config_token_ids).
+        input_ids = jnp.asarray(self.backbone.check_ids(input_ids, "Blip3o.condition input_ids"))
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         image_embeds = None
@@ -224,15 +227,48 @@ def component_rules(cfg):
     return choose
 
 
+# Which of the config's own token ids must have an embedding row, and when (check_config_token_ids).
+# The model itself embeds only gen_start_token_id (the [IMG] marker ``condition`` appends to every
+# prompt): no input check can catch it, so every model needs it. The vision ids say where a model with
+# a Qwen ViT reads images (scatter_image_embeds, get_rope_index); one outside the vocabulary means the
+# config lost the real ids (conversion.hf_config drops out-of-range ids on export, and a reader puts the
+# released defaults back), so a model with a vision tower needs them. pad_token_id and query_token_id
+# are fed only by the training samples (data/samples.py pads with pad and fills the query slots with
+# query): fresh models for training (build_model) need them; a loaded model does not (inference pads with
+# the tokenizer's own pad id, checked where used), so tiny checkpoints that keep the released
+# pad / query defaults stay loadable. Every batch is checked as well (prepare_batch, Pipeline, decode).
+_ALWAYS_IDS = ("gen_start_token_id",)
+_VISION_IDS = ("image_pad_token_id", "vision_start_token_id", "vision_end_token_id")
+_TRAINING_IDS = ("pad_token_id", "query_token_id")
+
+
+def check_config_token_ids(cfg, *, training: bool = False, source: str = "config") -> None:
+    """TokenIdError unless the config's token ids that this model feeds fit ``model.llm.vocab_size``
+    (the rule above; ``training`` adds the ids of the training samples)."""
+    m = cfg.model
+    keys = _ALWAYS_IDS + (_VISION_IDS if m.get("vision") is not None else ()) + (_TRAINING_IDS if training else ())
+    vocab = int(m.llm.vocab_size)
+    bad = {k: int(m[k]) for k in keys if not 0 <= int(m[k]) < vocab}
+    if bad:
+        listed = ", ".join(f"model.{k} = {v}" for k, v in bad.items())
+        raise TokenIdError(f"{source}: {listed} outside the embedding table of model.llm.vocab_size = {vocab} rows "
+                           f"(valid ids 0..{vocab - 1}); JAX's gather would read NaN for it. Set the id(s) to the "
+                           "tokenizer's ids for these tokens")
+
+
 def build_model(cfg, mesh, seed: int | None = None) -> Blip3o:
-    """A Blip3o with every parameter born sharded on ``mesh`` (one rule table per component)."""
+    """A Blip3o with every parameter born sharded on ``mesh`` (one rule table per component), for
+    training: the config's token ids are checked first (check_config_token_ids, training ids included)."""
+    check_config_token_ids(cfg, training=True)
     mcfg = Blip3oConfig.from_config(cfg)
     seed = cfg.train.seed if seed is None else seed
     return sharding.create_sharded(lambda: Blip3o(mcfg, rngs=nnx.Rngs(seed)), mesh, component_rules(cfg))
 
 
 def abstract_model(cfg, mesh):
-    """(graphdef, abstract state with target shardings) without allocating anything."""
+    """(graphdef, abstract state with target shardings) without allocating anything (every loader builds
+    through here, so the config's token ids are checked: check_config_token_ids)."""
+    check_config_token_ids(cfg)
     mcfg = Blip3oConfig.from_config(cfg)
     return sharding.abstract_with_shardings(lambda: Blip3o(mcfg, rngs=nnx.Rngs(0)), mesh, component_rules(cfg))
 
@@ -276,11 +312,38 @@ def stage_loss(model: Blip3o, stage: str, batch: dict, rng: jax.Array, image_gri
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def prepare_batch(host: dict, cfg) -> tuple[dict, tuple | None]:
-    """Host-side (numpy) work before a batch is placed on the mesh: M-RoPE positions for image
-    samples (placed batch-first) and the static per-sample image grid the jitted step is built for.
+def check_batch_ids(host: dict, cfg, source: str = "training batch") -> None:
+    """TokenIdError / ValueError for a host batch whose token ids, labels or query slots fall outside
+    the model (the jitted step cannot check: see TokenIdError). Numpy on the host, a few microseconds."""
+    vocab = int(cfg.model.llm.vocab_size)
+    if "input_ids" in host:
+        _check_with_hint(host["input_ids"], vocab, f"{source}: input_ids", cfg)
+    if "labels" in host:  # negative labels (-100) carry no loss
+        _check_with_hint(host["labels"], vocab, f"{source}: labels", cfg, ignore_negative=True)
+    if "query_start" in host and "input_ids" in host:
+        start, length = np.asarray(host["query_start"]), np.asarray(host["input_ids"]).shape[1]
+        bad = (start < 0) | (start + cfg.model.n_query > length)
+        if bad.any():
+            raise ValueError(f"{source}: query_start {sorted(set(start[bad].tolist()))} puts the {cfg.model.n_query} "
+                             f"query slots outside rows of {length} tokens")
+
+
+def _check_with_hint(ids, vocab: int, source: str, cfg, **kw) -> None:
+    """check_token_ids, naming the config keys that hold an offending id (samples.py writes them)."""
+    arr = np.asarray(ids)
+    outside = (arr >= vocab) if kw.get("ignore_negative") else (arr >= vocab) | (arr < 0)
+    bad = set(np.unique(arr[outside]).tolist())
+    keys = [f"model.{k}" for k in _ALWAYS_IDS + _VISION_IDS + _TRAINING_IDS if int(cfg.model[k]) in bad]
+    check_token_ids(arr, vocab, source + (f" (the id of {', '.join(keys)})" if keys else ""), **kw)
+
+
+def prepare_batch(host: dict, cfg, source: str = "training batch") -> tuple[dict, tuple | None]:
+    """Host-side (numpy) work before a batch is placed on the mesh: the id checks (check_batch_ids;
+    ``source`` names the batch in its errors), M-RoPE positions for image samples (placed batch-first)
+    and the static per-sample image grid the jitted step is built for.
     Returns (numeric batch, image grid or None)."""
     host = {k: v for k, v in host.items() if np.asarray(v).dtype.kind in "biuf"}
+    check_batch_ids(host, cfg, source)
     if "pixel_values" not in host:
         return host, None
     grids = np.asarray(host.pop("image_grid_thw"))

@@ -54,6 +54,46 @@ class QwenTextConfig:
 IMAGE_TOKEN_ID = 151655  # <|image_pad|>
 VISION_START_TOKEN_ID = 151652  # <|vision_start|>
 
+
+
+class TokenIdError(ValueError):
+    """A token id outside the embedding table.
+
+    ``nnx.Embed`` gathers with ``jnp.take``, whose out-of-range mode fills the row with NaN instead of
+    failing (and a NaN in a padding key still reaches every query through the attention's weighted sum
+    of values), so one bad id - typically a pad id from another vocabulary - silently turns a whole
+    forward pass into NaN. Traced code cannot look at values, so every public host-side entry point
+    checks its ids with ``check_token_ids`` before any device work."""
+
+
+def check_token_ids(ids, vocab_size: int, source: str, *, ignore_negative: bool = False) -> np.ndarray:
+    """Returns ``ids`` as a numpy array after checking every entry is in [0, vocab_size).
+
+    ``source`` says where the ids came from (argument, config key, batch) for the error message;
+    ``ignore_negative`` skips negative entries (labels, where -100 marks positions without a loss).
+    Raises TokenIdError naming the offending ids, where the first one sits, and the vocabulary size."""
+    if isinstance(ids, jax.core.Tracer):
+        raise TypeError(f"{source}: token ids must be concrete (host) values to be checked; call the entry point "
+                        "outside jit")
+    arr = np.asarray(ids)
+    if arr.size == 0:  # an empty prompt ([] is float64 to numpy)
+        return arr.astype(np.int32)
+    if arr.dtype.kind not in "iub":
+        raise TokenIdError(f"{source}: token ids must be integers, got dtype {arr.dtype}")
+    bad = arr >= vocab_size
+    if not ignore_negative:
+        bad |= arr < 0
+    if bad.any():
+        values = np.unique(arr[bad])
+        shown = ", ".join(str(int(v)) for v in values[:8])
+        if len(values) > 8:
+            shown += f", ... ({len(values)} distinct)"
+        where = f" (first at index {tuple(int(i) for i in np.argwhere(bad)[0])} of shape {arr.shape})" if arr.ndim else ""
+        raise TokenIdError(f"{source}: token id(s) {shown} outside the embedding table of {vocab_size} rows "
+                           f"(valid ids 0..{vocab_size - 1}){where}; JAX's gather would read NaN there")
+    return arr
+
+
 # transformers initialises Linear kernels and embeddings with N(0, initializer_range=0.02).
 _init = nnx.initializers.normal(0.02)
 
@@ -309,8 +349,12 @@ class Qwen2_5_VL(nnx.Module):
 
     # -- pieces -------------------------------------------------------------------------------
 
+    def check_ids(self, ids, source: str, **kw) -> np.ndarray:
+        """``check_token_ids`` against this model's embedding table (host-side; see TokenIdError)."""
+        return check_token_ids(ids, self.text_cfg.vocab_size, source, **kw)
+
     def embed(self, input_ids) -> jax.Array:
-        """Token embeddings (B, L, H)."""
+        """Token embeddings (B, L, H). Traced callers check their ids first (check_ids, on the host)."""
         return self.model.embed_tokens(jnp.asarray(input_ids))
 
     def hidden_states(self, inputs_embeds, attention_mask=None, position_ids=None) -> jax.Array:
@@ -341,7 +385,7 @@ class Qwen2_5_VL(nnx.Module):
         Without images: token embeddings, text positions, zero deltas. With images: ViT features written
         at the image-pad positions and positions from get_rope_index (3-D for image tokens).
         """
-        input_ids = np.asarray(input_ids)
+        input_ids = self.check_ids(input_ids, "input_ids")  # every id, padding included (see TokenIdError)
         if attention_mask is None:
             attention_mask = np.ones(input_ids.shape, np.int32)
         attention_mask = np.asarray(attention_mask)
@@ -382,6 +426,8 @@ class Qwen2_5_VL(nnx.Module):
 
 
 __all__ = [
+    "TokenIdError",
+    "check_token_ids",
     "QwenTextConfig",
     "QwenTextModel",
     "Qwen2_5_VL",
