@@ -15,13 +15,17 @@ all of it, so every missing, unexpected and mis-shaped key of every component is
 (weights.load_component). Tolerated: extra ``model.vae.*``, a missing target encoder (then the model has
 none, or keeps the one it has: ``load_into``), a missing ``lm_head.weight`` when embeddings are tied.
 
-``torch_to_orbax`` assembles parameter arrays as host numpy arrays and writes them in groups (Orbax
-partial saves) into a parameter directory, so peak host memory stays near twice the largest parameter
-array plus a constant, not the model size (benchmarks/convert_memory.py measures it).
+``torch_to_orbax`` writes lone parameter arrays in groups (Orbax partial saves) and every stacked
+(layers, ...) array one layer slice at a time into its layer-sized chunks (TensorStore), ``orbax_to_torch``
+reads one tensor (one layer slice) at a time into safetensors shards whose headers are planned up front,
+so peak host memory follows the largest single tensor, not a stacked array or the model
+(benchmarks/convert_memory.py measures it). Both write beside the destination and rename when complete
+(``staged_directory``), so a failed run leaves no partial output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -29,13 +33,15 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tensorstore as ts
 from flax import nnx
 from orbax.checkpoint.experimental import v1 as ocp_v1
 from tqdm import tqdm
@@ -64,11 +70,13 @@ RELEASED_HEAD = ("flow", "dit")
 
 
 def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = jnp.float32, target_encoder: str | None = None,
-                   vocab_size: int | None = None) -> ml_collections.ConfigDict:
+                   vocab_size: int | None = None,
+                   stored_shape: Callable[[str], tuple[int, ...] | None] | None = None) -> ml_collections.ConfigDict:
     """The project config of a BLIP3-o ``config.json`` (absent blocks = released values).
 
     ``vocab_size`` overrides the config's (the embedding rows actually stored); ``target_encoder``
-    overrides the choice implied by ``gen_vision_tower``.
+    overrides the choice implied by ``gen_vision_tower``; ``stored_shape(torch key)`` (None if absent)
+    lets sizes the config cannot say be read from the weights (the DiT's FFN rule: dit_mapping).
     """
     cfg = configlib.base_config()
     m = cfg.model
@@ -83,7 +91,8 @@ def config_from_hf(hf: Mapping[str, Any], *, dtype: Any = jnp.float32, target_en
 
     # The released head (the flow head's DiT) reads its optional size block through its own mapping.
     _, denoiser = RELEASED_HEAD
-    configlib.assign(m[denoiser], heads.velocity_net_spec(denoiser).mapping.config_from_hf(hf, text_cfg.hidden_size))
+    configlib.assign(m[denoiser], heads.velocity_net_spec(denoiser).mapping.config_from_hf(
+        hf, text_cfg.hidden_size, stored_shape))
 
     eva = dict(hf.get("gen_vision_config") or {})
     eva = {k: v for k, v in eva.items() if k in EVA_JSON_FIELDS}  # EVA-CLIP json also holds xattn, ...
@@ -119,6 +128,11 @@ def project_config_from_model(mcfg: model_lib.Blip3oConfig, base: ml_collections
     for key in ("n_query", "gen_head", "denoiser", "target_encoder", "gen_start_token_id", "image_pad_token_id",
                 "vision_start_token_id", "dtype", "param_dtype", "remat"):
         m[key] = getattr(mcfg, key)
+    if base is None:
+        # The model holds no <|vision_end|> id (it never reads it); Qwen2.5-VL's vocabulary places it right
+        # after <|vision_start|> (151652 / 151653). Without it an export of a small-vocabulary model would
+        # drop the out-of-range default and a reader (check_config_token_ids) would refuse the file.
+        m.vision_end_token_id = mcfg.vision_start_token_id + 1
     for name, value in (("llm", mcfg.llm), ("vision", mcfg.vision), (configlib.head_section(cfg), mcfg.head),
                         ("eva", mcfg.eva), ("siglip2", mcfg.siglip2)):
         if value is not None:
@@ -278,7 +292,8 @@ class TorchDirectory:
         if with_target_encoder is None:
             with_target_encoder = self.has_target_encoder()
         return config_from_hf(self.hf_config, dtype=dtype, target_encoder=None if with_target_encoder else "none",
-                              vocab_size=self.vocab_size())
+                              vocab_size=self.vocab_size(),
+                              stored_shape=lambda key: self.ckpt.shape(key) if key in self.ckpt else None)
 
     def ignore(self, mcfg: model_lib.Blip3oConfig, with_target_encoder: bool) -> list[str]:
         """Keys that may be present without being loaded."""
@@ -371,12 +386,66 @@ def save_torch(model: model_lib.Blip3o, path: str | os.PathLike, max_shard_bytes
     cfg = project_config_from_model(model.cfg, config)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config(cfg), f, indent=2)
-    tensors = export_tensors(model)
-    if progress:
-        n = len(weights.expected_torch_keys(model_rules(model.cfg), nnx.state(model, nnx.Param)))
-        tensors = tqdm(tensors, total=n, desc="writing tensors", unit="tensor", file=sys.stderr)
-    weights.save_safetensors_sharded(tensors, path, max_shard_bytes=max_shard_bytes)
+    released_mapping(model.cfg.gen_head, model.cfg.denoiser)  # raises for heads without one
+    state = nnx.state(model, nnx.Param)
+    expected = weights.expected_torch_keys(model_rules(model.cfg), state)
+    flat = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
 
+    def read(key):
+        path, layer, transform, _ = expected[key]
+        x = flat[path][layer] if layer is not None else flat[path]
+        return weights.to_torch_layout(np.asarray(jax.device_get(x)), transform)
+
+    specs = [(key, shape, np.dtype(flat[e[0]].dtype)) for key, e in expected.items() for shape in [e[3]]]
+    bar = tqdm(total=len(specs), desc="writing tensors", unit="tensor", file=sys.stderr) if progress else None
+    try:
+        # One tensor in host memory at a time (a whole shard is never assembled).
+        weights.save_safetensors_streamed(specs, read, path, max_shard_bytes=max_shard_bytes,
+                                          on_tensor=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Staged output: nothing half-written under the destination's name
+
+
+@contextlib.contextmanager
+def staged_directory(dst: str | os.PathLike, marker: str = "config.json") -> Iterator[str]:
+    """Yields a fresh folder beside ``dst`` to write into; on success its entries replace those of
+    ``dst`` (a missing ``dst`` is one rename), on any failure it is removed and ``dst`` is untouched.
+
+    An interrupted or failed conversion thus never leaves a half-written checkpoint that a later load
+    could take for a whole one. Into an existing ``dst`` the ``marker`` file (what makes a folder a
+    checkpoint to its readers: config.json) is removed first and moved in last, so even a kill during
+    the final moves leaves a folder no loader accepts. Leftover staging folders of killed runs are
+    named ``.NAME.partial-*`` beside it and can be deleted.
+    """
+    dst = os.path.abspath(os.fspath(dst))
+    parent, name = os.path.split(dst)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not os.path.exists(dst):
+        os.replace(staging, dst)
+        return
+    entries = sorted(os.listdir(staging), key=lambda e: e == marker)  # the marker last
+    if marker in entries and os.path.exists(os.path.join(dst, marker)):
+        os.remove(os.path.join(dst, marker))
+    for entry in entries:
+        target = os.path.join(dst, entry)
+        if os.path.isdir(target) and not os.path.islink(target):
+            old = tempfile.mkdtemp(prefix=f".{entry}.old-", dir=dst)
+            os.replace(target, os.path.join(old, entry))
+            shutil.rmtree(old)
+        os.replace(os.path.join(staging, entry), target)
+    os.rmdir(staging)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,16 +453,14 @@ def save_torch(model: model_lib.Blip3o, path: str | os.PathLike, max_shard_bytes
 
 
 def _host_leaf(view, entries, shape, dtype) -> np.ndarray:
-    """One parameter array in NNX layout built on the host from its torch tensors: a stacked layer
-    array is filled layer by layer; a lone tensor is used as read (one copy only if it is transposed)."""
-    if entries[0][1] is None:
-        ((key, _, transform),) = entries
-        # Contiguous before Orbax sees it: it would otherwise copy a transposed view twice.
-        return np.ascontiguousarray(weights.to_jax_layout(view.get(key), transform), dtype=dtype)
-    out = np.empty(shape, dtype)
-    for key, layer, transform in entries:
-        out[layer] = weights.to_jax_layout(view.get(key), transform)
-    return out
+    """One parameter array in NNX layout for the Orbax save: a lone tensor as read (one copy only if it is
+    transposed); a stacked layer array a zero-stride placeholder of its shape that holds no memory (its
+    layers are written one at a time afterwards: _write_layers)."""
+    if entries[0][1] is not None:
+        return np.broadcast_to(np.zeros((), dtype), shape)
+    ((key, _, transform),) = entries
+    # Contiguous before Orbax sees it: it would otherwise copy a transposed view twice.
+    return np.ascontiguousarray(weights.to_jax_layout(view.get(key), transform), dtype=dtype)
 
 
 def _release_freed_memory() -> None:
@@ -416,15 +483,48 @@ def _group_tree(view, group, entries) -> dict:
     return tree
 
 
+def _array_store(params_dir: str, path, *, write: bool = False):
+    """The TensorStore array of one parameter of an Orbax parameter tree (Orbax's own layout: zarr
+    arrays named by the dotted tree path inside one OCDBT key-value store)."""
+    name = ".".join(map(str, path))
+    kvstore = {"driver": "ocdbt", "base": "file://" + params_dir, "path": name}
+    errors = []
+    for driver in ("zarr3", "zarr"):  # Orbax writes zarr3; older checkpoints zarr v2
+        try:
+            return ts.open({"driver": driver, "kvstore": kvstore, "recheck_cached_data": False,
+                            "recheck_cached_metadata": False}, open=True, read=True, write=write).result()
+        except ValueError as e:
+            errors.append(str(e))
+    raise FileNotFoundError(f"{params_dir}: no array {name!r} ({'; '.join(errors)})")
+
+
+def _write_layers(params_dir: str, stacked: list, view, entries) -> None:
+    """Fills every stacked array, one layer at a time, into the finished Orbax tree: the arrays were
+    saved chunked one layer per chunk (shard_axes=(0,)), so writing layer i touches its chunk alone and
+    host memory stays near one tensor, whatever the size of the stack."""
+    for path, shape, dtype in stacked:
+        store = _array_store(params_dir, path, write=True)
+        if tuple(store.shape) != tuple(shape):
+            raise ValueError(f"{params_dir}: {'/'.join(map(str, path))} stored as {tuple(store.shape)}, "
+                             f"expected {tuple(shape)}")
+        for key, layer, transform in entries["/".join(map(str, path))]:
+            x = np.asarray(weights.to_jax_layout(view.get(key), transform), dtype=dtype)
+            store[layer].write(x).result()
+            del x
+        _release_freed_memory()
+
+
 def torch_to_orbax(src: str | os.PathLike, params_dir: str | os.PathLike, dtype: Any = jnp.float32, *,
                    allow_pickle: bool = False, group_bytes: int = 256 << 20,
                    progress: bool = True) -> ml_collections.ConfigDict:
     """PyTorch directory -> the Orbax parameter tree in ``params_dir`` (the layout
     ``checkpoints.restore_params`` reads), never holding the whole model; returns the project config
-    (the caller stores it beside). After the one coverage check, parameter arrays are assembled on the
-    host as numpy arrays (no device copies) and written in groups of about ``group_bytes`` with Orbax
-    partial saves, so peak host memory is about the largest parameter array plus one tensor and one
-    group. The result restores onto any mesh."""
+    (the caller stores it beside). After the one coverage check, the lone parameter arrays are read on
+    the host as numpy arrays (no device copies) and written in groups of about ``group_bytes`` with Orbax
+    partial saves; each stacked (layers, ...) array is saved as a memory-free placeholder chunked one
+    layer per chunk and then filled slice by slice through TensorStore, so peak host memory is about
+    the largest single tensor plus one group, not the largest stack. The result restores onto any mesh.
+    The tree is assembled in ``params_dir + '.partial'`` and renamed when complete."""
     directory = TorchDirectory(src, allow_pickle=allow_pickle)
     with_target = directory.has_target_encoder()
     cfg = directory.config(dtype, with_target)
@@ -440,36 +540,117 @@ def torch_to_orbax(src: str | os.PathLike, params_dir: str | os.PathLike, dtype:
         entries.setdefault(path, []).append((key, layer, transform))
 
     groups: list[list[tuple]] = [[]]
+    stacked: list[tuple] = []
     size = 0
     for path, v in nnx.to_flat_state(abstract):
         v = v.get_value()
+        leaf = (path, tuple(v.shape), jnp.dtype(v.dtype))
+        if entries["/".join(map(str, path))][0][1] is not None:
+            stacked.append(leaf)  # placeholders cost nothing: any group takes them
+            groups[-1].append(leaf)
+            continue
         nbytes = int(np.prod(v.shape)) * jnp.dtype(v.dtype).itemsize
         if groups[-1] and size + nbytes > group_bytes:
             groups.append([])
             size = 0
-        groups[-1].append((path, v.shape, jnp.dtype(v.dtype)))
+        groups[-1].append(leaf)
         size += nbytes
-
     params_dir = os.path.abspath(os.fspath(params_dir))
+    view = _Progress(directory.ckpt, len(expected), "converting tensors", progress)
+    try:
+        write_param_tree(view, groups, stacked, entries, params_dir, group_bytes)
+    finally:
+        view.close()
+    return cfg
+
+
+def write_param_tree(view, groups: list[list[tuple]], stacked: list[tuple], entries: Mapping[str, list],
+                     params_dir: str, group_bytes: int = 256 << 20) -> None:
+    """Writes an Orbax parameter tree into ``params_dir`` from the torch tensors of ``view``: ``groups``
+    of leaves (path, shape, dtype), one Orbax partial save each; ``stacked`` the leaves stored one layer
+    per chunk and filled slice by slice (_write_layers); ``entries['a/b/c']`` = [(torch key, layer or
+    None, transform)]. Assembled in ``params_dir + '.partial'``, renamed when complete, removed on failure."""
+    layered = {path for path, _, _ in stacked}
     os.makedirs(os.path.dirname(params_dir), exist_ok=True)
     staging = params_dir + ".partial"
-    for leftover in (staging, params_dir):
-        shutil.rmtree(leftover, ignore_errors=True)
-    view = _Progress(directory.ckpt, len(expected), "converting tensors", progress)
+    shutil.rmtree(staging, ignore_errors=True)
     # The arrays are ours and never modified while written: no defensive host copy, bounded write buffers.
     context = ocp_v1.Context()
     context.memory.deepcopy_host_arrays = False
     context.memory.write_concurrent_bytes = group_bytes
+    # A stacked array is stored one layer per chunk (chunking along axis 0 only), the rest as Orbax chooses.
+    one_layer_chunks = ocp_v1.options.ArrayOptions.Saving.StorageOptions(shard_axes=(0,))
+    context.array.saving.scoped_storage_options_creator = (
+        lambda keypath, _: one_layer_chunks if tuple(_key_names(keypath)) in layered else None)
     try:
         with context:
             for group in groups:
                 # The plain nested dict of checkpoints.save_params, one group of keys per partial save.
                 ocp_v1.partial.save(staging, _group_tree(view, group, entries))
                 _release_freed_memory()
-    finally:
-        view.close()
-    ocp_v1.partial.finalize(staging)
-    # The finalized partial checkpoint holds the pytree under 'state/': that folder is the parameter tree.
+        ocp_v1.partial.finalize(staging)
+        # The finalized partial checkpoint holds the pytree under 'state/': that folder is the parameter tree.
+        _write_layers(os.path.join(staging, "state"), stacked, view, entries)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(params_dir, ignore_errors=True)
     os.replace(os.path.join(staging, "state"), params_dir)
     shutil.rmtree(staging)
-    return cfg
+
+
+def _key_names(keypath) -> Iterator[Any]:
+    """The dict keys of a jax key path, as the NNX flat-state path holds them."""
+    for k in keypath:
+        yield getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Orbax parameters -> PyTorch directory, streamed
+
+
+def orbax_to_torch(params_dir: str | os.PathLike, cfg: ml_collections.ConfigDict, dst: str | os.PathLike, *,
+                   max_shard_bytes: int = 2 << 30, dtype: Any | None = None, progress: bool = True) -> None:
+    """An Orbax parameter tree (``checkpoints.restore_params``' layout) of the model described by the
+    project config ``cfg`` -> the released PyTorch layout in ``dst``, one tensor at a time: each torch
+    tensor is read from its array (one layer slice of a stacked array) through TensorStore and appended
+    to a safetensors shard whose header was planned from the shapes up front
+    (weights.save_safetensors_streamed), so neither the model nor a shard is ever held in memory.
+    ``dtype``: cast every float tensor (default: as stored)."""
+    params_dir = os.path.abspath(os.fspath(params_dir))
+    mcfg = model_lib.Blip3oConfig.from_config(cfg)
+    released_mapping(mcfg.gen_head, mcfg.denoiser)  # raises for heads without a released layout
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.state(nnx.eval_shape(lambda: model_lib.Blip3o(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
+    expected = weights.expected_torch_keys(model_rules(mcfg), abstract)
+    paths = {"/".join(map(str, p)): p for p, _ in nnx.to_flat_state(abstract)}
+    stores: dict[str, Any] = {}
+
+    def store(path: str):
+        if path not in stores:
+            stores[path] = _array_store(params_dir, [str(p) for p in paths[path]])
+        return stores[path]
+
+    specs = []
+    for key, (path, layer, transform, shape) in expected.items():
+        stored = np.dtype(store(path).dtype.numpy_dtype)
+        out = jnp.dtype(dtype) if dtype is not None and jnp.issubdtype(stored, jnp.floating) else stored
+        specs.append((key, shape, out))
+
+    def read(key: str) -> np.ndarray:
+        path, layer, transform, _ = expected[key]
+        t = store(path)
+        x = (t[layer] if layer is not None else t).read().result()
+        x = weights.to_torch_layout(x, transform)
+        return x if dtype is None or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(hf_config(project_config_from_model(mcfg, cfg)), f, indent=2)
+    bar = tqdm(total=len(specs), desc="writing tensors", unit="tensor", file=sys.stderr) if progress else None
+    try:
+        weights.save_safetensors_streamed(specs, read, dst, max_shard_bytes=max_shard_bytes,
+                                          on_tensor=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()

@@ -32,19 +32,33 @@ __all__ = ["load_torch", "save_torch", "torch_to_orbax", "orbax_to_torch", "main
 def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = "float32", *,
                    allow_pickle: bool = False, group_bytes: int = 256 << 20, progress: bool = True):
     """PyTorch directory -> model checkpoint in ``dst`` (parameters streamed, conversion.torch_to_orbax);
-    returns the project config."""
-    dst = os.path.abspath(os.fspath(dst))
-    cfg = conversion.torch_to_orbax(src, os.path.join(dst, checkpoints.PARAMS_DIR), dtype, allow_pickle=allow_pickle,
-                                    group_bytes=group_bytes, progress=progress)
-    checkpoints.write_config(dst, cfg)
-    return cfg
+    returns the project config. Written into a folder beside ``dst`` and moved into place only when
+    complete (conversion.staged_directory)."""
+    return _to_model_checkpoint(src, dst, dtype, allow_pickle=allow_pickle, group_bytes=group_bytes,
+                                progress=progress, companions=False)[0]
+
+
+def _to_model_checkpoint(src, dst, dtype, *, allow_pickle, group_bytes, progress, companions: bool):
+    """(project config, companions written): the parameters, config.json and, with ``companions``, the
+    tokenizer files and the converted ``diffusion-decoder/`` (checkpoints.copy_companions), all staged."""
+    with conversion.staged_directory(dst, checkpoints.CONFIG_FILE) as staging:
+        cfg = conversion.torch_to_orbax(src, os.path.join(staging, checkpoints.PARAMS_DIR), dtype,
+                                        allow_pickle=allow_pickle, group_bytes=group_bytes, progress=progress)
+        extras = checkpoints.copy_companions(os.fspath(src), staging, dtype) if companions else []
+        checkpoints.write_config(staging, cfg)
+    return cfg, extras
 
 
 def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: int = 2 << 30,
                    dtype: Any | None = None, progress: bool = True) -> None:
-    """Model checkpoint -> the released PyTorch layout."""
-    model, cfg = checkpoints.load_model(src, dtype, conversion.host_mesh())
-    save_torch(model, dst, max_shard_bytes, config=cfg, progress=progress)
+    """Model checkpoint -> the released PyTorch layout, one tensor at a time (a stacked layer array is
+    read one layer slice at a time: conversion.orbax_to_torch), written beside ``dst`` and moved into
+    place when complete."""
+    src = checkpoints.model_dir(src)
+    cfg = checkpoints.read_config(src)
+    with conversion.staged_directory(dst, "config.json") as staging:
+        conversion.orbax_to_torch(os.path.join(src, checkpoints.PARAMS_DIR), cfg, staging,
+                                  max_shard_bytes=max_shard_bytes, dtype=dtype, progress=progress)
 
 
 def main(argv=None) -> None:
@@ -52,10 +66,10 @@ def main(argv=None) -> None:
     if args.to == "torch":
         orbax_to_torch(args.src, args.dst, max_shard_bytes=args.max_shard_bytes, dtype=args.dtype)
     else:
-        cfg = torch_to_orbax(args.src, args.dst, args.dtype or "float32", allow_pickle=args.allow_pickle,
-                             group_bytes=args.group_bytes)
+        cfg, extras = _to_model_checkpoint(args.src, args.dst, args.dtype or "float32",
+                                           allow_pickle=args.allow_pickle, group_bytes=args.group_bytes,
+                                           progress=True, companions=True)
         print(f"wrote {args.dst}/params (model {cfg.model.dtype}, target encoder: {cfg.model.target_encoder})")
-        extras = checkpoints.copy_companions(args.src, args.dst, args.dtype)
         if extras:
             print(f"copied/converted beside it: {', '.join(extras)}")
         if not os.path.isdir(os.path.join(args.src, checkpoints.DECODER_DIR)):

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -91,6 +91,26 @@ _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, 
                        "BOOL": np.bool_}
 
 
+class TruncatedCheckpointError(ValueError):
+    """A safetensors file is shorter than its header says (or its header is cut or corrupt)."""
+
+
+def _read_header(file: str) -> tuple[int, dict]:
+    """(header length, header) of a safetensors file, or TruncatedCheckpointError naming the file."""
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise TruncatedCheckpointError(f"{file} is truncated: {size} bytes, less than the 8-byte header length")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise TruncatedCheckpointError(f"{file} is truncated: its header needs {8 + n} bytes, the file has {size}")
+        try:
+            return n, json.loads(f.read(n))
+        except ValueError as e:  # json.JSONDecodeError / UnicodeDecodeError
+            raise TruncatedCheckpointError(f"{file}: unreadable safetensors header ({e})") from None
+
+
 class TorchCheckpoint:
     """Read-only view of a weights directory: keys and shapes up front, tensors on demand.
 
@@ -122,16 +142,29 @@ class TorchCheckpoint:
             return
         for fname in files:
             file = os.path.join(self.path, fname)
-            with open(file, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
+            n, header = _read_header(file)
+            size = os.path.getsize(file)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
                 if info["dtype"] not in _SAFETENSORS_DTYPES:
                     raise ValueError(f"{file}: tensor {key!r} has unsupported dtype {info['dtype']}")
                 dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                self._where[key] = (file, 8 + n + info["data_offsets"][0], dtype, tuple(info["shape"]))
+                shape = tuple(info["shape"])
+                start, end = info["data_offsets"]
+                # Checked before anything is read: a download that broke off would otherwise surface much
+                # later as a bare numpy reshape error on whichever tensor happens to be read first.
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                if end - start != nbytes:
+                    raise TruncatedCheckpointError(
+                        f"{file}: tensor {key!r} {info['dtype']}{list(shape)} needs {nbytes} bytes but its header "
+                        f"gives data_offsets {start}..{end} ({end - start} bytes): the file is corrupt")
+                if 8 + n + end > size:
+                    raise TruncatedCheckpointError(
+                        f"{file} is truncated (an incomplete download?): tensor {key!r} {info['dtype']}"
+                        f"{list(shape)} lies at bytes {8 + n + start}..{8 + n + end}; expected a file of at least "
+                        f"{8 + n + end} bytes, found {size}")
+                self._where[key] = (file, 8 + n + start, dtype, shape)
         self._shapes = {k: v[3] for k, v in self._where.items()}
 
     def _pick_files(self, stem: str, variants: Sequence[str | None]) -> list[str]:
@@ -356,3 +389,63 @@ def save_safetensors_sharded(
         weight_map.update({k: name for k in keys})
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+
+
+# numpy dtype -> safetensors dtype name (the inverse of _SAFETENSORS_DTYPES).
+_SAFETENSORS_NAMES = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+
+
+def save_safetensors_streamed(
+    specs: Sequence[tuple[str, Sequence[int], Any]],
+    read: Callable[[str], np.ndarray],
+    path: str | os.PathLike,
+    max_shard_bytes: int = 2 << 30,
+    on_tensor: Callable[[], Any] | None = None,
+) -> None:
+    """Writes ``model-XXXXX-of-YYYYY.safetensors`` + index (or one ``model.safetensors``) holding one
+    tensor in memory at a time: ``specs`` = (key, shape, dtype) of every tensor in order, so the shards
+    and every header are planned before any data is read; ``read(key)`` then supplies each tensor,
+    whose bytes are appended to its shard. The files are the same as safetensors' own ``save_file``
+    writes (8-byte header length, JSON header padded to 8 bytes, little-endian C-order data)."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
+    size = 0
+    for key, shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        if dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"tensor {key!r}: dtype {dtype} has no safetensors name")
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if size and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, tuple(int(d) for d in shape), dtype))
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{n:05d}-of-{len(shards):05d}.safetensors" for n in range(1, len(shards) + 1)])
+    for name, shard in zip(names, shards):
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, shape, dtype in shard:
+            end = offset + int(np.prod(shape)) * dtype.itemsize
+            header[key] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for key, shape, dtype in shard:
+                x = np.asarray(read(key))
+                if x.shape != shape or x.dtype != dtype:
+                    raise ValueError(f"tensor {key!r}: read {x.dtype}{list(x.shape)}, planned {dtype}{list(shape)}")
+                # Raw bytes without a copy (a uint8 view also serves bfloat16, which has no buffer format);
+                # every supported host is little-endian, as the format is.
+                f.write(np.ascontiguousarray(x).reshape(-1).view(np.uint8).data)
+                del x
+                if on_tensor is not None:
+                    on_tensor()
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)

@@ -49,6 +49,10 @@ class DiTConfig:
     qk_norm: bool = True
     latent_embedding_size: int = 3584  # width C of the condition z (LLM hidden size)
     rope_theta: float = 10000.0
+    # FFN width before ffn_dim_multiplier / multiple_of (ffn_hidden_dim): "stock" = int(2/3 * 4D), diffusers'
+    # LuminaNextDiT2DModel in every version and the released weights (4864 for D = 1792); "4d" = 4D, what
+    # the BLIP3-o repo's copy of the block builds on diffusers >= 0.33 (7168), for weights trained that way.
+    ffn_rule: str = "stock"
 
     @property
     def head_dim(self) -> int:
@@ -65,13 +69,20 @@ class DiTConfig:
         return self.input_size * self.input_size
 
 
-def ffn_hidden_dim(cfg: DiTConfig) -> int:
-    """SwiGLU width: int(2/3 * 4D), times ffn_dim_multiplier if set, rounded up to multiple_of.
+FFN_RULES = ("stock", "4d")
 
-    This is the stock diffusers rule (4864 for D = 1792), which the released checkpoint uses
-    (docs/model.md fact 6; the repo copy on diffusers >= 0.33 would silently build 7168).
+
+def ffn_hidden_dim(cfg: DiTConfig) -> int:
+    """SwiGLU width: int(2/3 * 4D) (``ffn_rule`` "stock") or 4D ("4d"), times ffn_dim_multiplier if set,
+    rounded up to multiple_of.
+
+    "stock" is the diffusers rule (4864 for D = 1792), which the released checkpoint uses
+    (docs/model.md fact 6); "4d" is the repo copy of the block on diffusers >= 0.33, whose
+    LuminaFeedForward no longer applies the 2/3 to the 4D it is passed (7168 for D = 1792).
     """
-    hidden = int(4 * 2 * cfg.dim / 3)
+    if cfg.ffn_rule not in FFN_RULES:
+        raise ValueError(f"DiT ffn_rule {cfg.ffn_rule!r}: one of {FFN_RULES}")
+    hidden = int(4 * 2 * cfg.dim / 3) if cfg.ffn_rule == "stock" else 4 * cfg.dim
     if cfg.ffn_dim_multiplier:
         hidden = int(cfg.ffn_dim_multiplier * hidden)
     return cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)

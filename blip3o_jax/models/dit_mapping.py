@@ -15,7 +15,9 @@ ways (every missing, unexpected and mis-shaped key in one error) before reading 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax.numpy as jnp
@@ -23,10 +25,11 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax import sharding, weights
-from blip3o_jax.models.dit import DiT, DiTConfig
+from blip3o_jax.models.dit import FFN_RULES, DiT, DiTConfig, ffn_hidden_dim
 from blip3o_jax.weights import Rule
 
 PREFIX = "model.dit.model."
+log = logging.getLogger(__name__)
 
 
 def _block_rules() -> list[Rule]:
@@ -112,16 +115,67 @@ JSON_FIELDS = ("input_size", "patch_size", "in_channels", "dim", "n_layers", "n_
                "ffn_dim_multiplier", "norm_eps", "qk_norm")
 
 
-def config_from_hf(hf: dict, condition_width: int) -> dict:
-    """``model.dit`` values from a BLIP3-o config.json (absent block = the released sizes)."""
+FFN_KEY = PREFIX + "layers.0.feed_forward.linear_1.weight"  # (F, D): the FFN width F of every block
+
+
+def config_from_hf(hf: dict, condition_width: int,
+                   stored_shape: Callable[[str], tuple[int, ...] | None] | None = None) -> dict:
+    """``model.dit`` values from a BLIP3-o config.json (absent block = the released sizes).
+
+    The target width ``in_channels`` is ``dit_config.in_channels``, else the top-level
+    ``gen_hidden_size`` (1792 in the released config.json); both present and different is an error.
+    ``stored_shape(torch key)`` (the checkpoint's shapes, None for an absent key) lets the FFN width be
+    read from the weights: see ffn_rule_from_checkpoint."""
     block = dict(hf.get("dit_config") or {})
     unknown = set(block) - set(JSON_FIELDS) - {"latent_embedding_size", "rope_theta"}
     if unknown:
         raise ValueError(f"config.json dit_config: unknown fields {sorted(unknown)}; allowed: {list(JSON_FIELDS)}")
     if block.get("ffn_dim_multiplier") is None:
         block.pop("ffn_dim_multiplier", None)  # None in the reference = no multiplier (0.0 here)
+    gen_width = hf.get("gen_hidden_size")
+    if gen_width is not None:
+        if "in_channels" in block and int(block["in_channels"]) != int(gen_width):
+            raise ValueError(f"config.json: gen_hidden_size = {gen_width} (the target feature width) but "
+                             f"dit_config.in_channels = {block['in_channels']}; they name the same width, make "
+                             "them agree")
+        block["in_channels"] = int(gen_width)
     block["latent_embedding_size"] = condition_width  # the DiT reads the LLM states (docs/model.md 5.1)
+    if stored_shape is not None:
+        block.update(ffn_rule_from_checkpoint(block, stored_shape))
     return block
+
+
+def ffn_rule_from_checkpoint(block: dict, stored_shape: Callable[[str], tuple[int, ...] | None]) -> dict:
+    """``{'ffn_rule': ...}`` that builds the FFN width the checkpoint stores (``{}`` if the config's
+    already does, or nothing is stored; a stored width D that differs is left to the coverage check).
+
+    Weights trained with the BLIP3-o repo's copy of the block on diffusers >= 0.33 have FFN width 4D
+    (7168 for D = 1792) where the released ones have the stock int(2/3 * 4D) rounding (4864,
+    docs/model.md fact 6): when the stored width is the other rule's, that rule is built and a warning
+    says so; any other width raises, naming both shapes and the fields that set the width."""
+    found = stored_shape(FFN_KEY)
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    cfg = DiTConfig(**{k: v for k, v in block.items() if k in fields})
+    if found is None or len(found) != 2 or found[1] != cfg.dim:
+        return {}
+    want = ffn_hidden_dim(cfg)
+    if found[0] == want:
+        return {}
+    for rule in FFN_RULES:
+        other = dataclasses.replace(cfg, ffn_rule=rule)
+        if rule != cfg.ffn_rule and ffn_hidden_dim(other) == found[0]:
+            what = {"4d": "4D, the BLIP3-o repo's DiT block on diffusers >= 0.33",
+                    "stock": "int(2/3 * 4D), the stock diffusers rule of the released weights"}[rule]
+            log.warning("%s is %s: the DiT FFN width %d is the %r rule (%s), not the configured %d; "
+                            "building it with model.dit.ffn_rule = %r", FFN_KEY, tuple(found), found[0], rule,
+                            what, want, rule)
+            return {"ffn_rule": rule}
+    raise ValueError(
+        f"checkpoint {FFN_KEY} has shape {tuple(found)}, the DiT config expects ({want}, {cfg.dim}) (FFN width = "
+        f"multiple_of {cfg.multiple_of} * ceil({'int(2/3 * 4 * dim)' if cfg.ffn_rule == 'stock' else '4 * dim'}"
+        f"{' * ffn_dim_multiplier' if cfg.ffn_dim_multiplier else ''} / multiple_of)), and neither FFN rule "
+        f"(model.dit.ffn_rule {list(FFN_RULES)}) gives {found[0]}: set dit_config.multiple_of / "
+        "dit_config.ffn_dim_multiplier in config.json to the sizes the weights were trained with")
 
 
 def config_to_hf(cfg: DiTConfig) -> dict:
