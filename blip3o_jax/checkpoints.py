@@ -408,7 +408,9 @@ def _load_orbax_decoder(path: str, mesh, rule_table: str, dtype: Any) -> Decoder
 
 def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = None) -> Decoder:
     """A decoder folder in diffusers layout (``unet/``, ``vae/``, ``scheduler/``) or its Orbax form;
-    ``dtype`` None keeps the stored one."""
+    ``dtype`` (parameters and compute of UNet and VAE; a name or a numpy dtype) None keeps the stored one
+    (float32 from diffusers files, whichever variant was read)."""
+    dtype = None if dtype is None else jnp.dtype(dtype)
     if os.path.exists(os.path.join(path, "unet", "config.json")):
         kw = {} if dtype is None else dict(dtype=dtype, param_dtype=dtype)
         unet, vae, sched = decoder_mapping.load_decoder(path, mesh, rule_table, **kw)

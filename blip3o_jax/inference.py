@@ -54,6 +54,21 @@ EDIT_IMAGE_SIZE = 448  # 3.3a: 448 x 448 -> (1, 32, 32) patches -> 256 image tok
 NEGATIVES = ("empty_prompt", "zero_image")
 # Separate random streams per use, so adding images or the negative never shifts another stream.
 _DIT_STREAM, _DECODER_STREAM, _NEGATIVE_STREAM = 0, 1, 2
+# ``dtype`` presets of from_checkpoint (the names are blip3o_jax/cli.py DTYPE_PRESETS): name -> (dtype of
+# the model (LLM, DiT, target encoder, ViT), dtype of the decoder (UNet, VAE), whether the samplers hold
+# their latents in the producing model's dtype between steps). "released" = docs/model.md fact 20: the
+# released inference script loads the whole model with torch_dtype=float16 (its DiT noise is drawn in
+# and kept in float16) and the decoder's bf16 variant files, whose pipeline draws bfloat16 latents; both
+# diffusers schedulers compute each Euler step in float32 and cast the result back to the model's dtype.
+DTYPE_PRESETS = {"released": ("float16", "bfloat16", True)}
+
+
+def resolve_dtype(dtype: Any) -> tuple[Any, Any, bool]:
+    """(model dtype, decoder dtype, round latents) of ``from_checkpoint(dtype=...)``: a preset name, or
+    one dtype (or None: the stored one) for both models with float32 latents."""
+    if isinstance(dtype, str) and dtype in DTYPE_PRESETS:
+        return DTYPE_PRESETS[dtype]
+    return dtype, dtype, False
 
 
 def inference_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -78,11 +93,15 @@ class Pipeline:
 
     def __init__(self, model, tokenizer, cfg, mesh, decoder: Decoder | None = None, *,
                  negative: str = "empty_prompt", min_pixels: int | None = None, max_pixels: int | None = None,
-                 und_image_size: int | None = None, edit_image_size: int = EDIT_IMAGE_SIZE, negative_seed: int = 0):
+                 und_image_size: int | None = None, edit_image_size: int = EDIT_IMAGE_SIZE, negative_seed: int = 0,
+                 round_latents: bool = False):
         if negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
         self.model, self.tokenizer, self.cfg, self.mesh, self.decoder = model, tokenizer, cfg, mesh, decoder
         self.negative, self.negative_seed = negative, negative_seed
+        # True: the DiT and decoder latents are rounded to their model's dtype after every float32 Euler
+        # step, as the released pipeline does (DTYPE_PRESETS); False keeps them float32 between steps.
+        self.round_latents = round_latents
         self.processor = qip.QwenImageProcessor(min_pixels=min_pixels or qip.RELEASED_MIN_PIXELS,
                                                 max_pixels=max_pixels or qip.RELEASED_MAX_PIXELS)
         self.und_image_size, self.edit_image_size = und_image_size, edit_image_size
@@ -104,10 +123,13 @@ class Pipeline:
         """A model checkpoint or PyTorch directory (checkpoints.py layouts). ``tokenizer`` / ``decoder``
         override the paths found in the checkpoint; ``negative`` and ``kw`` override the checkpoint's
         inference defaults (pipeline.json, preprocessor_config.json); ``load_decoder_weights`` False skips
-        the decoder (features only)."""
+        the decoder (features only). ``dtype``: one dtype for model and decoder (None: the stored one) or
+        a ``DTYPE_PRESETS`` name (``resolve_dtype``)."""
         path = checkpoints.model_dir(path)
         mesh = mesh or inference_mesh()
-        model, cfg = checkpoints.load_model(path, dtype, mesh)
+        model_dtype, decoder_dtype, round_latents = resolve_dtype(dtype)
+        kw.setdefault("round_latents", round_latents)
+        model, cfg = checkpoints.load_model(path, model_dtype, mesh)
         defaults = checkpoints.pipeline_defaults(path)
         negative = negative or defaults.pop("negative", "empty_prompt")
         defaults.pop("negative", None)
@@ -117,7 +139,7 @@ class Pipeline:
         dec = None
         dec_dir = decoder or os.path.join(path, checkpoints.DECODER_DIR)
         if load_decoder_weights and (decoder is not None or os.path.isdir(dec_dir)):
-            dec = checkpoints.load_decoder(dec_dir, mesh, cfg.sharding.target, dtype)
+            dec = checkpoints.load_decoder(dec_dir, mesh, cfg.sharding.target, decoder_dtype)
         return cls(model, tok, cfg, mesh, dec, negative=negative, **kw)
 
     def require_decoder(self) -> Decoder:
@@ -169,6 +191,8 @@ class Pipeline:
         n, c = self.model.gen_head.target_shape
         noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(s), stream), i),
                                              (n, c), jnp.float32) for s, i in seeds_and_indices])
+        if self.round_latents:  # the sampler keeps its latents in the noise's dtype (models/flow.py)
+            noise = noise.astype(self.cfg.model.dtype)
         return self.model.sample_features(z, noise, num_steps=num_steps, guidance=guidance)
 
     def generate_features(self, prompts: Sequence[str], *, seed: int = 0, num_steps: int = 30,
@@ -255,6 +279,8 @@ class Pipeline:
                     jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DECODER_STREAM),
                                                          first_index + start + j), shape, jnp.float32)
                     for j in range(batch_size)])
+                if self.round_latents:  # the Euler loop keeps its latents in the noise's dtype
+                    noise = noise.astype(dec.unet.dtype)
                 x = sched_lib.denoise(dec.unet, jnp.asarray(rows), uncond, noise, pixel_size=(size, size),
                                       num_steps=num_steps, guidance_scale=guidance, scheduler=dec.scheduler)
                 if dec.vae is not None:

@@ -171,9 +171,11 @@ def _denoise(unet_def, unet_state, x, cond, uncond, timesteps, sigmas, guidance_
         if guided:  # guidance on the model output, whatever it predicts (as diffusers' pipelines)
             out_c, out_u = out[:b], out[b:]
             out = out_u + guidance_scale * (out_c - out_u)
-        return euler_step(x, out, sigma, sigma_next, prediction_type)
+        # The step runs in float32; its result is stored in the latents' dtype (the noise's: float32, or
+        # the UNet's when the caller asks for the released pipeline's casts, which round them each step).
+        return euler_step(x, out, sigma, sigma_next, prediction_type).astype(x.dtype)
 
-    return jax.lax.fori_loop(0, timesteps.shape[0], body, x.astype(jnp.float32))
+    return jax.lax.fori_loop(0, timesteps.shape[0], body, x)
 
 
 def denoise(
@@ -188,6 +190,7 @@ def denoise(
     scheduler: SchedulerConfig = SchedulerConfig(),
 ) -> jax.Array:
     """Euler sampling from ``noise`` (B, h, w, C) ~ N(0, 1) to clean latents (or pixels) (B, h, w, C).
+    The latents stay in the noise's dtype between steps (each step computes in float32).
 
     cond (B, L, D) target tokens; uncond (1 or B, L, D) negative tokens (needed when guidance_scale > 1);
     pixel_size (H, W) feeds the size/crop time ids.

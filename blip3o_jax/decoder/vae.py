@@ -33,7 +33,10 @@ class VAEConfig:
     sample_size: int = 1024
     scaling_factor: float = 0.13025
     mid_block_add_attention: bool = True
-    force_upcast: bool = True  # the released pipeline decodes in float32
+    # Kept from the diffusers config, not acted on: diffusers' SDXL pipelines upcast a float16 VAE to float32
+    # when it is set, but the released pipeline (pipeline_llava_gen, Emu2's) ignores it and decodes in the
+    # VAE's own dtype, bfloat16 (the bf16 variant files; inference.DTYPE_PRESETS["released"]).
+    force_upcast: bool = True
 
     @property
     def downscale(self) -> int:
