@@ -11,6 +11,10 @@ and ``train.init_from`` read it)::
                              released diffusers form (unet/ vae/ scheduler/)
     DIR/pipeline.json        optional: the checkpoint's inference defaults (decoder negative, image
                              sizes of the understanding path), read by ``inference.Pipeline``
+    DIR/generation_config.json  optional (transformers'): repetition_penalty + eos ids of understanding
+    DIR/scheduler/scheduler_config.json  optional: the DiT sampler's FlowMatchEulerDiscreteScheduler
+                             config (shift, num_train_timesteps; read_dit_scheduler). Not
+                             diffusion-decoder/scheduler/, which is the pixel decoder's.
 
 **A PyTorch directory** in the released layout (contract 3) is read through ``blip3o_jax.conversion``
 wherever a model checkpoint is accepted: ``config.json`` + safetensors, tokenizer files and
@@ -58,6 +62,16 @@ PIPELINE_FILE = "pipeline.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.json", "chat_template.jinja", "generation_config.json",
                    "preprocessor_config.json")
+DIT_SCHEDULER_FILE = os.path.join("scheduler", "scheduler_config.json")
+GENERATION_CONFIG_FILE = "generation_config.json"
+# FlowMatchEulerDiscreteScheduler fields (diffusers 0.42) and the value at which each leaves this project's
+# sampler (models/flow.py: static shift, linspace sigmas, Euler) unchanged. base_shift .. max_image_seq_len
+# only act with use_dynamic_shifting, so any value is accepted while that is False.
+_FLOW_SCHEDULER_INERT = {"use_dynamic_shifting": False, "invert_sigmas": False, "shift_terminal": None,
+                         "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                         "stochastic_sampling": False}
+_FLOW_SCHEDULER_DYNAMIC_ONLY = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len",
+                                "time_shift_type")
 # What pipeline.json may hold (inference.Pipeline keyword arguments).
 PIPELINE_KEYS = ("negative", "und_image_size", "min_pixels", "max_pixels")
 
@@ -257,8 +271,6 @@ def load_model(path: str | os.PathLike, dtype: Any | None = None, mesh: jax.shar
             model.cfg.param_dtype, model.cfg.target_encoder != "none")
         return model, cfg
     cfg = read_config(path)
-    # The config's own ids against its vocabulary (abstract_model checks too; this names the file).
-    model_lib.check_config_token_ids(cfg, source=os.path.join(path, CONFIG_FILE))
     if dtype is not None:
         cfg.model.dtype = cfg.model.param_dtype = jnp.dtype(dtype).name
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
@@ -357,6 +369,66 @@ def pipeline_defaults(path: str) -> dict:
     return out
 
 
+def generation_defaults(path: str) -> dict:
+    """``repetition_penalty`` and ``eos_token_ids`` of the checkpoint's ``generation_config.json`` (the
+    transformers file Qwen2.5-VL ships: repetition_penalty 1.05, eos [151645, 151643]); {} without one.
+    Its sampling fields (do_sample, temperature, top_p, top_k) are not taken: understanding stays greedy
+    unless a temperature is asked for (contract section 1)."""
+    file = os.path.join(path, GENERATION_CONFIG_FILE)
+    if not os.path.exists(file):
+        return {}
+    with open(file) as f:
+        values = json.load(f)
+    out: dict = {}
+    if values.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(values["repetition_penalty"])
+    eos = values.get("eos_token_id")
+    if eos is not None:
+        out["eos_token_ids"] = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
+    return out
+
+
+def dit_scheduler_file(path: str) -> str | None:
+    """``DIR/scheduler/scheduler_config.json`` of a checkpoint root if present (the DiT's; the official
+    code loads Lumina-Next-SFT's from the hub), else None."""
+    file = os.path.join(path, DIT_SCHEDULER_FILE)
+    return file if os.path.isfile(file) else None
+
+
+def read_dit_scheduler(path: str) -> dict:
+    """The DiT sampler's ``{shift, num_train_timesteps}`` (models/flow.py FlowConfig fields) from a diffusers
+    FlowMatchEulerDiscreteScheduler config (the file, or a folder holding scheduler_config.json or
+    scheduler/scheduler_config.json). Fields that would change the sampler in a way models/flow.py does
+    not implement (dynamic shifting, inverted / Karras / exponential / beta sigmas, a terminal shift,
+    stochastic sampling) or that this code does not know raise CheckpointError naming them."""
+    file = path
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, "scheduler_config.json"), os.path.join(path, DIT_SCHEDULER_FILE)]
+        file = next((c for c in candidates if os.path.isfile(c)), candidates[0])
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no DiT scheduler config at {file} (expected a FlowMatchEulerDiscreteScheduler "
+                              "scheduler_config.json)")
+    with open(file) as f:
+        values = json.load(f)
+    name = values.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    if name != "FlowMatchEulerDiscreteScheduler":
+        raise CheckpointError(f"{file}: _class_name {name!r}; the DiT sampler implements only "
+                              "FlowMatchEulerDiscreteScheduler")
+    unsupported = {k: v for k, v in values.items() if k in _FLOW_SCHEDULER_INERT and v != _FLOW_SCHEDULER_INERT[k]}
+    unknown = sorted(k for k in values if not k.startswith("_") and k not in _FLOW_SCHEDULER_INERT
+                     and k not in _FLOW_SCHEDULER_DYNAMIC_ONLY and k not in ("shift", "num_train_timesteps"))
+    if unsupported or unknown:
+        raise CheckpointError(
+            f"{file}: the DiT sampler (models/flow.py: static shift, linspace sigmas, deterministic Euler) does not "
+            f"implement {', '.join(f'{k}={v!r}' for k, v in unsupported.items()) or ''}"
+            f"{'; unknown fields ' + str(unknown) if unknown else ''}; supported: num_train_timesteps, shift "
+            f"(the others at their defaults {_FLOW_SCHEDULER_INERT})")
+    out = {"shift": float(values.get("shift", 1.0)), "num_train_timesteps": int(values.get("num_train_timesteps", 1000))}
+    if out["shift"] <= 0 or out["num_train_timesteps"] < 1:
+        raise CheckpointError(f"{file}: need shift > 0 and num_train_timesteps >= 1, got {out}")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The pixel decoder (``DIR/diffusion-decoder``)
 
@@ -408,9 +480,7 @@ def _load_orbax_decoder(path: str, mesh, rule_table: str, dtype: Any) -> Decoder
 
 def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = None) -> Decoder:
     """A decoder folder in diffusers layout (``unet/``, ``vae/``, ``scheduler/``) or its Orbax form;
-    ``dtype`` (parameters and compute of UNet and VAE; a name or a numpy dtype) None keeps the stored one
-    (float32 from diffusers files, whichever variant was read)."""
-    dtype = None if dtype is None else jnp.dtype(dtype)
+    ``dtype`` None keeps the stored one."""
     if os.path.exists(os.path.join(path, "unet", "config.json")):
         kw = {} if dtype is None else dict(dtype=dtype, param_dtype=dtype)
         unet, vae, sched = decoder_mapping.load_decoder(path, mesh, rule_table, **kw)
@@ -426,6 +496,10 @@ def copy_companions(src: str, dst: str, dtype: Any = None) -> list[str]:
     copied and ``SRC/diffusion-decoder/`` (diffusers layout) is converted to its Orbax form in
     ``DST/diffusion-decoder/``. Returns what was written."""
     done = copy_tokenizer(src, dst)
+    if dit_scheduler_file(src):  # the DiT's schedule travels with the model
+        os.makedirs(os.path.join(dst, os.path.dirname(DIT_SCHEDULER_FILE)), exist_ok=True)
+        shutil.copyfile(os.path.join(src, DIT_SCHEDULER_FILE), os.path.join(dst, DIT_SCHEDULER_FILE))
+        done.append(DIT_SCHEDULER_FILE)
     decoder_src = os.path.join(src, DECODER_DIR)
     if os.path.isdir(decoder_src):
         decoder = load_decoder(decoder_src, conversion.host_mesh(), dtype=dtype)

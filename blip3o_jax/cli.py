@@ -31,10 +31,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 HELP_ARGS = frozenset({"-h", "--help", "--helpshort", "--helpfull"})
-DTYPES = ("float32", "bfloat16", "float16")
-# --dtype presets of the checkpoint commands (inference.DTYPE_PRESETS holds what each one sets):
-# "released" = the released BLIP3-o pipeline's casts (LLM + DiT float16, decoder UNet + VAE bfloat16).
-DTYPE_PRESETS = ("released",)
+NEGATIVES = ("space_prompt", "empty_prompt", "zero_image")  # = inference.NEGATIVES (no project imports here)
+DTYPES = ("float32", "bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,23 +45,51 @@ def define_checkpoint_flags(fv: flags.FlagValues, *, decoder: bool = False) -> N
                         flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "tokenizer folder or tokenizer.json (default: the checkpoint's)",
                         flag_values=fv)
-    flags.DEFINE_enum("dtype", None, DTYPES + DTYPE_PRESETS, "parameter/compute dtype of every model (default: "
-                      "the stored one, float32 from PyTorch); 'released' = the released pipeline's casts: LLM, DiT "
-                      "and target encoder float16, decoder UNet + VAE bfloat16, sampler latents rounded to the "
-                      "model's dtype after each float32 Euler step", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, DTYPES, "parameter/compute dtype", flag_values=fv)
     flags.DEFINE_integer("devices", None, "use the first N devices (default: all)", flag_values=fv)
     if decoder:
         flags.DEFINE_string("decoder", None, "decoder folder (diffusers diffusion-decoder/ or converted) overriding "
                             "the one found", flag_values=fv)
-        flags.DEFINE_enum("negative", None, ("empty_prompt", "zero_image"), "decoder negative features (default: "
-                          "zero_image for demo workdirs, else empty_prompt)", flag_values=fv)
+        flags.DEFINE_enum("negative", None, NEGATIVES, "decoder negative features: space_prompt = the released "
+                          "pipeline's generate_image(text=[' ']), empty_prompt = marker + queries only, zero_image "
+                          "= target features of an all-zero image (default: the checkpoint's pipeline.json, e.g. "
+                          "zero_image for demo workdirs, else space_prompt)", flag_values=fv)
+        flags.DEFINE_string("dit-scheduler", None, "FlowMatchEulerDiscreteScheduler scheduler_config.json (or its "
+                            "folder) for the DiT sampler's shift / num_train_timesteps (default: the checkpoint's "
+                            "scheduler/scheduler_config.json if present, else the model config's flow section)",
+                            flag_values=fv)
 
 
 def checkpoint_kwargs(args: types.SimpleNamespace) -> dict:
     """``inference.Pipeline.from_checkpoint`` keywords from ``define_checkpoint_flags``'s flags (the mesh
     for ``args.devices`` is the caller's: this module does not import jax)."""
-    names = ("tokenizer", "dtype", "decoder", "negative")
+    names = ("tokenizer", "dtype", "decoder", "negative", "dit_scheduler")
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
+def define_understanding_flags(fv: flags.FlagValues, *, jpeg_default: int | None = None,
+                               pixels_default: str = "the checkpoint's preprocessor_config.json, else the "
+                               "processor's 3136 / 12845056") -> None:
+    """Image + question -> text: processor limits, JPEG round trip, generation_config.json use."""
+    flags.DEFINE_integer("min-pixels", None, f"processor minimum pixels (default: {pixels_default})", flag_values=fv)
+    flags.DEFINE_integer("max-pixels", None, f"processor maximum pixels (default: {pixels_default})", flag_values=fv)
+    flags.DEFINE_integer("jpeg-quality", jpeg_default, "re-encode each image as JPEG at this quality before the "
+                         "processor, as the official lmms-eval class does (it saves with PIL's default quality, "
+                         "75); 0 = no round trip", lower_bound=0, upper_bound=100, flag_values=fv)
+    flags.DEFINE_float("repetition-penalty", None, "transformers' repetition penalty (default: the checkpoint's "
+                       "generation_config.json, else 1.0 = off)", flag_values=fv)
+    flags.DEFINE_bool("generation-config", True, "apply the checkpoint's generation_config.json (repetition_penalty, "
+                      "eos ids; decoding stays greedy unless --temperature > 0); --nogeneration-config ignores it",
+                      flag_values=fv)
+
+
+def understanding_kwargs(args: types.SimpleNamespace, min_pixels: int | None = None,
+                         max_pixels: int | None = None) -> dict:
+    """``Pipeline.from_checkpoint`` keywords of ``define_understanding_flags`` (``min_pixels`` /
+    ``max_pixels``: the command's own defaults, None = the checkpoint's)."""
+    return dict(min_pixels=args.min_pixels or min_pixels, max_pixels=args.max_pixels or max_pixels,
+                jpeg_quality=args.jpeg_quality or None, repetition_penalty=args.repetition_penalty,
+                generation_config=args.generation_config)
 
 
 def define_generation_flags(fv: flags.FlagValues) -> None:

@@ -11,6 +11,10 @@ see qwen_vision.get_rope_index), then generated token k sits at ``real prompt to
 on all three axes (rope_delta = 0 for text-only prompts). Rows stop at any of ``eos_token_ids``; after
 that they are filled with ``pad_token_id`` (as transformers does), and the loop ends once every row
 has stopped.
+
+A ``repetition_penalty`` p != 1 acts as transformers' ``RepetitionPenaltyLogitsProcessor`` (applied to the
+raw logits, before temperature and top-p): for every token id already in the row's sequence (prompt
+included, padding excluded), a logit < 0 becomes logit * p, any other logit / p.
 """
 
 from __future__ import annotations
@@ -67,8 +71,16 @@ def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def _next_token(logits, key, temperature, top_p, greedy: bool):
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """transformers' RepetitionPenaltyLogitsProcessor: logits (B, V), seen (B, V) bool."""
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def _next_token(logits, key, temperature, top_p, greedy: bool, seen=None, penalty=None):
     logits = logits.astype(jnp.float32)
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, penalty)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = top_p_filter(logits / temperature, top_p)
@@ -76,10 +88,11 @@ def _next_token(logits, key, temperature, top_p, greedy: bool):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "greedy")
+    jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_ids", "pad_token_id", "greedy", "penalize")
 )
-def _generate(graphdef, state, embeds, mask, positions, next_position, key, temperature, top_p, *,
-              max_new_tokens: int, eos_token_ids: tuple[int, ...], pad_token_id: int, greedy: bool):
+def _generate(graphdef, state, embeds, mask, positions, next_position, key, temperature, top_p, ids, penalty, *,
+              max_new_tokens: int, eos_token_ids: tuple[int, ...], pad_token_id: int, greedy: bool,
+              penalize: bool = False):
     model = nnx.merge(graphdef, state)
     text = model.model
     batch, prompt_len, _ = embeds.shape
@@ -90,28 +103,35 @@ def _generate(graphdef, state, embeds, mask, positions, next_position, key, temp
     cache["valid"] = cache["valid"].at[:, :prompt_len].set(mask.astype(bool))
     hidden, cache = text.forward_cached(embeds, positions, cache, 0)
     key, sub = jax.random.split(key)
-    token = _next_token(model.logits(hidden[:, -1]), sub, temperature, top_p, greedy)
+    logits = model.logits(hidden[:, -1])
+    rows = jnp.arange(batch)
+    seen = None
+    if penalize:  # (B, V): which ids the row's sequence holds so far (the prompt's real tokens first)
+        seen = jnp.zeros(logits.shape, jnp.int32).at[rows[:, None], ids].max(mask.astype(jnp.int32)) > 0
+    token = _next_token(logits, sub, temperature, top_p, greedy, seen, penalty)
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
     done = jnp.isin(token, eos)
 
     def cond(carry):
-        step, _, _, _, done, _ = carry
+        step, _, _, _, done, _, _ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
         # Feed token step-1 (cache slot prompt_len + step - 1) and pick token `step`.
-        step, token, tokens, cache, done, key = carry
+        step, token, tokens, cache, done, key, seen = carry
+        if penalize:
+            seen = seen.at[rows, token].set(True)
         slot = prompt_len + step - 1
         cache["valid"] = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((batch, 1), bool), (0, slot))
         pos = jnp.broadcast_to((next_position + step - 1)[None, :, None], (3, batch, 1))
         hidden, cache = text.forward_cached(model.embed(token[:, None]), pos, cache, slot)
         key, sub = jax.random.split(key)
-        new = _next_token(model.logits(hidden[:, 0]), sub, temperature, top_p, greedy)
+        new = _next_token(model.logits(hidden[:, 0]), sub, temperature, top_p, greedy, seen, penalty)
         new = jnp.where(done, pad_token_id, new)
         tokens = jax.lax.dynamic_update_slice(tokens, new[:, None], (0, step))
-        return step + 1, new, tokens, cache, done | jnp.isin(new, eos), key
+        return step + 1, new, tokens, cache, done | jnp.isin(new, eos), key, seen
 
-    carry = (jnp.asarray(1, jnp.int32), token, tokens, cache, done, key)
+    carry = (jnp.asarray(1, jnp.int32), token, tokens, cache, done, key, seen)
     return jax.lax.while_loop(cond, body, carry)[2]
 
 
@@ -129,24 +149,25 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     buckets: Sequence[int] = DEFAULT_BUCKETS,
+    repetition_penalty: float = 1.0,
 ) -> np.ndarray:
     """New tokens (B, max_new_tokens) int32 after each prompt; ``pad_token_id`` after a row's eos.
 
     model: a ``Qwen2_5_VL``. input_ids / attention_mask (B, L), left or right padded. Images in the
     Hugging Face processor layout, their image-pad tokens inside input_ids. temperature 0 = greedy;
     otherwise sampling at that temperature with nucleus ``top_p``, reproducible for a given ``seed``.
+    ``repetition_penalty``: transformers' (see the module docstring); 1.0 = off (the loop then carries
+    no (B, vocab) bookkeeping).
     """
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
-    # Host-side id checks before any device work (the loop embeds the prompt, its padding and, after a
-    # row's eos, pad_token_id; an id beyond the embedding reads NaN: models.qwen2_5_vl.TokenIdError).
-    model.check_ids(pad_token_id, "decode.generate pad_token_id")
-    model.check_ids(input_ids, "decode.generate input_ids")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     real = input_ids.shape[1] if attention_mask is None else int(np.asarray(attention_mask).sum(1).max())
     ids, mask = left_align(input_ids, attention_mask, bucket_length(real, buckets), pad_token_id)
     embeds, mask, positions, deltas = model.multimodal_inputs(ids, mask, pixel_values, image_grid_thw)
@@ -154,8 +175,9 @@ def generate(
     graphdef, state = nnx.split(model)
     tokens = _generate(
         graphdef, state, embeds, jnp.asarray(mask), jnp.asarray(positions, jnp.int32), next_position,
-        jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p),
+        jax.random.key(seed), jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), jnp.asarray(ids, jnp.int32),
+        jnp.float32(repetition_penalty),
         max_new_tokens=int(max_new_tokens), eos_token_ids=tuple(int(e) for e in eos_token_ids),
-        pad_token_id=int(pad_token_id), greedy=temperature == 0,
+        pad_token_id=int(pad_token_id), greedy=temperature == 0, penalize=repetition_penalty != 1.0,
     )
     return np.asarray(tokens)

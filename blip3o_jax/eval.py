@@ -11,7 +11,11 @@ restarted (finished folders are skipped) or split across machines with ``--start
 
 ``vqa`` reads JSON lines ``{"image": path (relative to the file's folder or absolute), "question": ...,
 "answer": ...}`` and prints ``{"accuracy": f, "n": int}``: the fraction of greedy answers equal to the
-reference after normalisation (surrounding whitespace, case and one trailing period ignored).
+reference after normalisation (surrounding whitespace, case and one trailing period ignored). Its
+defaults are the official lmms-eval BLIP3-o class's: processor min_pixels 200704 (256 x 28 x 28) and
+max_pixels 1605632 (2048 x 28 x 28), each image re-encoded as JPEG at quality 75 (that class saves with
+PIL's default quality) before the processor, and the checkpoint's generation_config.json (repetition
+penalty, eos ids) applied to greedy decoding.
 
 Both are plain functions of an ``inference.Pipeline`` (``geneval``, ``vqa_accuracy``) so other code
 (the demo report) uses the same paths.
@@ -28,6 +32,11 @@ from collections.abc import Iterable, Sequence
 from absl import app, flags
 
 from blip3o_jax import cli, inference
+from blip3o_jax.data import qwen_image_processor as qip
+
+# The official lmms-eval class saves each image with PIL's ``save(format="JPEG")`` and no quality argument,
+# i.e. PIL's (libjpeg's) default quality 75.
+EVAL_JPEG_QUALITY = 75
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -100,6 +109,8 @@ def define_vqa_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("data", None, "jsonl: image, question, answer", required=True, flag_values=fv)
     flags.DEFINE_integer("max-new-tokens", 16, "answer length limit in tokens", flag_values=fv)
     flags.DEFINE_string("predictions-out", None, "write every prediction as jsonl", flag_values=fv)
+    cli.define_understanding_flags(fv, jpeg_default=EVAL_JPEG_QUALITY,
+                                   pixels_default=f"lmms-eval's {qip.EVAL_MIN_PIXELS} / {qip.EVAL_MAX_PIXELS}")
 
 
 TASKS = {"geneval": define_geneval_flags, "vqa": define_vqa_flags}
@@ -120,6 +131,7 @@ def main(argv=None) -> dict:
     if task == "geneval":
         pipe = inference.Pipeline.from_checkpoint(args.checkpoint, **common)
         pipe.require_decoder()
+        print(f"DiT schedule: {pipe.flow_source}", file=sys.stderr)
         metadata = read_jsonl(args.prompts)
         folders = geneval(pipe, metadata, args.out, n_samples=args.n_samples, seed=args.seed, num_steps=args.steps,
                           guidance=args.guidance, decoder_steps=args.decoder_steps,
@@ -127,7 +139,9 @@ def main(argv=None) -> dict:
         result = {"prompts": len(folders), "n_samples": args.n_samples, "out": args.out,
                   "seconds": time.time() - start}
     else:
-        pipe = inference.Pipeline.from_checkpoint(args.checkpoint, load_decoder_weights=False, **common)
+        pipe = inference.Pipeline.from_checkpoint(
+            args.checkpoint, load_decoder_weights=False, **common,
+            **cli.understanding_kwargs(args, qip.EVAL_MIN_PIXELS, qip.EVAL_MAX_PIXELS))
         result = vqa_accuracy(pipe, read_jsonl(args.data), max_new_tokens=args.max_new_tokens,
                               base_dir=os.path.dirname(os.path.abspath(args.data)))
         if args.predictions_out:

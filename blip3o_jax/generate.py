@@ -12,7 +12,10 @@ Prompts are batched (``--batch-size`` images per compiled call); with several ou
 becomes FILE_000.png, FILE_001.png, ... (prompt-major: prompt p, sample k -> index p * K + k).
 ``--image`` conditions the generator on an input image (docs/model.md 3.3a; ``<image>`` in the prompt
 marks where it goes, default prompt "<image>\\nPlease reconstruct the given image.");
-``--autoencode`` skips the LLM: target encoder -> decoder (docs/model.md 3.3b).
+``--autoencode`` skips the LLM: target encoder -> decoder (docs/model.md 3.3b); ``--resize crop`` (default)
+centre-crops the input to a square before resizing it to the encoder's side, as the repository's
+``inference.py``; ``--resize squash`` resizes it without keeping the aspect ratio, as
+``pipeline_reconstruct.py``. The DiT schedule used (shift, num_train_timesteps) is printed to stderr.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch-size", None, "images per compiled call (default: all)", flag_values=fv)
     flags.DEFINE_multi_string("image", [], "input image (image-conditioned generation; repeatable)", flag_values=fv)
     flags.DEFINE_bool("autoencode", False, "with --image: target encoder -> decoder, no LLM", flag_values=fv)
+    flags.DEFINE_enum("resize", "crop", list(inference.RESIZES), "with --autoencode: crop = centre square crop then "
+                      "resize (the repository's inference.py), squash = resize ignoring the aspect ratio "
+                      "(pipeline_reconstruct.py)", flag_values=fv)
     flags.DEFINE_integer("edit-image-size", 448, "with --image: side the input image is squashed to before the "
                          "Qwen ViT (reference: 448)", flag_values=fv)
 
@@ -77,9 +83,11 @@ def main(argv=None) -> list[str]:
     if args.out:
         pipe.require_decoder()
     images = [inference.open_image(p) for p in args.image] or None
+    if not args.autoencode:
+        print(f"DiT schedule: {pipe.flow_source}", file=sys.stderr)
     loaded = time.time()
     if args.autoencode:
-        feats = pipe.target_features(images)
+        feats = pipe.target_features(images, args.resize)
         feats = np.repeat(feats, args.num_images, axis=0)
     else:
         feats = pipe.generate_features(prompts, seed=args.seed, num_steps=args.steps, guidance=args.guidance,

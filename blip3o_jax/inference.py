@@ -17,10 +17,19 @@ Paths through the model:
 - image -> image (3.3b): target encoder -> features -> ``decode`` (no LLM).
 - image + question -> text (3.2): Qwen2.5-VL processor -> ``decode.generate`` with the KV cache.
 
-The decoder's negative features are, as in the released pipeline (docs/model.md fact 11), the
-generator's output for the raw empty prompt ``""`` (no chat template), computed once and cached; the
-demo's decoder was trained against the target features of an all-zero image instead (docs/model.md
-3.3b), which ``negative="zero_image"`` selects (the demo's checkpoint says so in its pipeline.json).
+The decoder's negative features are, as in the released pipeline (``diffusion-decoder/pipeline_llava_gen.py``:
+``generate_image(text=[" "])``; docs/model.md fact 11), the generator's output for the raw prompt ``" "``
+(one space: token 220 in the Qwen vocabulary, then the marker and the queries, no chat template),
+computed once and cached (``negative="space_prompt"``, the default). ``"empty_prompt"`` feeds only the
+marker and the queries (the ``""`` of pipeline_reconstruct.py); the demo's decoder was trained against
+the target features of an all-zero image (docs/model.md 3.3b), which ``negative="zero_image"`` selects
+(the demo's checkpoint says so in its pipeline.json, and a checkpoint's pipeline.json wins over the
+default).
+
+Understanding (3.2) stays greedy unless a temperature is given; a checkpoint's ``generation_config.json``
+(Qwen's: ``repetition_penalty`` 1.05, eos ids) supplies the repetition penalty and extra stop ids, as
+transformers' ``generate`` applies them. The DiT sampler's schedule (shift, num_train_timesteps) comes
+from ``scheduler/scheduler_config.json`` at the checkpoint root when present (checkpoints.read_dit_scheduler).
 
 Everything that is compiled (``condition``, the DiT sampler, the decoder loop, the KV-cache decoder)
 is compiled once per shape: prompts are padded to length buckets and batches to ``batch_size``, so a
@@ -30,6 +39,8 @@ so an image depends on its seed and index, not on how the list was batched.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -51,24 +62,15 @@ from blip3o_jax.decoder.vae import AutoencoderKL
 IMAGE_TAG = "<image>"
 EDIT_PROMPT = IMAGE_TAG + "\nPlease reconstruct the given image."  # the I2I training prompt (docs/model.md 3.3a)
 EDIT_IMAGE_SIZE = 448  # 3.3a: 448 x 448 -> (1, 32, 32) patches -> 256 image tokens
-NEGATIVES = ("empty_prompt", "zero_image")
+NEGATIVES = ("space_prompt", "empty_prompt", "zero_image")
+DEFAULT_NEGATIVE = "space_prompt"
+SPACE_PROMPT = " "  # generate_image(text=[" "]) of the released pipeline_llava_gen.py
+# Autoencoding geometry (docs/model.md 3.3b): "crop" = the repository's inference.py (centre square crop
+# with floor offsets, then pipeline_reconstruct's Resize((448, 448))); "squash" = pipeline_reconstruct.py
+# alone (Resize((448, 448)), aspect ignored). Both bicubic.
+RESIZES = ("crop", "squash")
 # Separate random streams per use, so adding images or the negative never shifts another stream.
 _DIT_STREAM, _DECODER_STREAM, _NEGATIVE_STREAM = 0, 1, 2
-# ``dtype`` presets of from_checkpoint (the names are blip3o_jax/cli.py DTYPE_PRESETS): name -> (dtype of
-# the model (LLM, DiT, target encoder, ViT), dtype of the decoder (UNet, VAE), whether the samplers hold
-# their latents in the producing model's dtype between steps). "released" = docs/model.md fact 20: the
-# released inference script loads the whole model with torch_dtype=float16 (its DiT noise is drawn in
-# and kept in float16) and the decoder's bf16 variant files, whose pipeline draws bfloat16 latents; both
-# diffusers schedulers compute each Euler step in float32 and cast the result back to the model's dtype.
-DTYPE_PRESETS = {"released": ("float16", "bfloat16", True)}
-
-
-def resolve_dtype(dtype: Any) -> tuple[Any, Any, bool]:
-    """(model dtype, decoder dtype, round latents) of ``from_checkpoint(dtype=...)``: a preset name, or
-    one dtype (or None: the stored one) for both models with float32 latents."""
-    if isinstance(dtype, str) and dtype in DTYPE_PRESETS:
-        return DTYPE_PRESETS[dtype]
-    return dtype, dtype, False
 
 
 def inference_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -86,32 +88,34 @@ class Pipeline:
     """Model + tokenizer + optional decoder, with the inference paths of docs/model.md 3 as methods.
 
     ``cfg`` is the project config of the model (checkpoints.load_model returns it);
-    ``negative`` chooses the decoder's negative features ('empty_prompt' or 'zero_image');
+    ``negative`` chooses the decoder's negative features ('space_prompt', 'empty_prompt' or 'zero_image');
+    ``jpeg_quality``: re-encode understanding images as JPEG at this quality first (the official
+    lmms-eval class does, at PIL's default 75); ``repetition_penalty`` / ``eos_token_ids``: the understanding
+    decoder's (transformers semantics; from generation_config.json in from_checkpoint);
     ``und_image_size``: images are resized + centre-cropped to this side before the Qwen processor
     (the demo's understanding geometry; None = the processor's own smart resize only).
     """
 
     def __init__(self, model, tokenizer, cfg, mesh, decoder: Decoder | None = None, *,
-                 negative: str = "empty_prompt", min_pixels: int | None = None, max_pixels: int | None = None,
+                 negative: str = DEFAULT_NEGATIVE, min_pixels: int | None = None, max_pixels: int | None = None,
                  und_image_size: int | None = None, edit_image_size: int = EDIT_IMAGE_SIZE, negative_seed: int = 0,
-                 round_latents: bool = False):
+                 jpeg_quality: int | None = None, repetition_penalty: float = 1.0,
+                 eos_token_ids: Sequence[int] = ()):
         if negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
         self.model, self.tokenizer, self.cfg, self.mesh, self.decoder = model, tokenizer, cfg, mesh, decoder
         self.negative, self.negative_seed = negative, negative_seed
-        # True: the DiT and decoder latents are rounded to their model's dtype after every float32 Euler
-        # step, as the released pipeline does (DTYPE_PRESETS); False keeps them float32 between steps.
-        self.round_latents = round_latents
         self.processor = qip.QwenImageProcessor(min_pixels=min_pixels or qip.RELEASED_MIN_PIXELS,
                                                 max_pixels=max_pixels or qip.RELEASED_MAX_PIXELS)
         self.und_image_size, self.edit_image_size = und_image_size, edit_image_size
-        # Padding takes the tokenizer's pad id, the config's only when the tokenizer has none: a small or
-        # fine-tuned model's config may keep the released 151643 beyond its vocabulary. Checked against
-        # the embedding wherever it is used (check_tokens), before any device work.
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.pad_token_id = int(cfg.model.pad_token_id if pad is None else pad)
-        self._pad_source = ("tokenizer.pad_token_id" if pad is not None
-                            else "config model.pad_token_id; the tokenizer has no pad token")
+        if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100] (PIL), got {jpeg_quality}")
+        if repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+        self.jpeg_quality, self.repetition_penalty = jpeg_quality, float(repetition_penalty)
+        self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
+        self.flow_source = "the model config's flow section"
+        self.pad_token_id = int(cfg.model.pad_token_id)
         self._negative_cache: dict[tuple, jax.Array] = {}
 
     # -- loading ----------------------------------------------------------------------------------
@@ -119,28 +123,37 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: str, *, tokenizer: str | None = None, decoder: str | None = None,
                         dtype: Any = None, mesh=None, negative: str | None = None, load_decoder_weights: bool = True,
-                        **kw) -> "Pipeline":
+                        dit_scheduler: str | None = None, generation_config: bool = True, **kw) -> "Pipeline":
         """A model checkpoint or PyTorch directory (checkpoints.py layouts). ``tokenizer`` / ``decoder``
         override the paths found in the checkpoint; ``negative`` and ``kw`` override the checkpoint's
-        inference defaults (pipeline.json, preprocessor_config.json); ``load_decoder_weights`` False skips
-        the decoder (features only). ``dtype``: one dtype for model and decoder (None: the stored one) or
-        a ``DTYPE_PRESETS`` name (``resolve_dtype``)."""
+        inference defaults (pipeline.json, preprocessor_config.json, generation_config.json unless
+        ``generation_config`` is False: its repetition_penalty and eos ids); ``load_decoder_weights`` False skips
+        the decoder (features only). ``dit_scheduler``: a FlowMatchEulerDiscreteScheduler
+        config file or folder for the DiT sampler (default: the checkpoint root's
+        scheduler/scheduler_config.json if present, else the model config's ``flow`` section);
+        ``pipe.flow_source`` says which was used."""
         path = checkpoints.model_dir(path)
         mesh = mesh or inference_mesh()
-        model_dtype, decoder_dtype, round_latents = resolve_dtype(dtype)
-        kw.setdefault("round_latents", round_latents)
-        model, cfg = checkpoints.load_model(path, model_dtype, mesh)
+        model, cfg = checkpoints.load_model(path, dtype, mesh)
+        flow_source = _apply_dit_scheduler(model, cfg, dit_scheduler or checkpoints.dit_scheduler_file(path))
         defaults = checkpoints.pipeline_defaults(path)
-        negative = negative or defaults.pop("negative", "empty_prompt")
+        if generation_config:
+            defaults.update(checkpoints.generation_defaults(path))
+        # A checkpoint's pipeline.json (the demo's: zero_image) wins over the released default.
+        negative = negative or defaults.pop("negative", DEFAULT_NEGATIVE)
         defaults.pop("negative", None)
         for k, v in defaults.items():
-            kw.setdefault(k, v)
+            if kw.get(k) is None:  # an explicit None (a CLI flag left unset) means "the checkpoint's"
+                kw[k] = v
+        kw = {k: v for k, v in kw.items() if v is not None}  # unset and not in the checkpoint: the defaults
         tok = checkpoints.load_tokenizer(tokenizer or path)
         dec = None
         dec_dir = decoder or os.path.join(path, checkpoints.DECODER_DIR)
         if load_decoder_weights and (decoder is not None or os.path.isdir(dec_dir)):
-            dec = checkpoints.load_decoder(dec_dir, mesh, cfg.sharding.target, decoder_dtype)
-        return cls(model, tok, cfg, mesh, dec, negative=negative, **kw)
+            dec = checkpoints.load_decoder(dec_dir, mesh, cfg.sharding.target, dtype)
+        pipe = cls(model, tok, cfg, mesh, dec, negative=negative, **kw)
+        pipe.flow_source = flow_source or pipe.flow_source
+        return pipe
 
     def require_decoder(self) -> Decoder:
         if self.decoder is None:
@@ -165,13 +178,7 @@ class Pipeline:
             if row:
                 out[r, length - len(row):] = row
                 mask[r, length - len(row):] = 1
-        return self.check_tokens(out, "Pipeline.encode: the tokenizer's ids of the prompts"), mask
-
-    def check_tokens(self, ids, source: str) -> np.ndarray:
-        """The padding id, then ``ids``, checked against the model's embedding table on the host
-        (models.qwen2_5_vl.TokenIdError names the id, the vocabulary size and ``source``)."""
-        self.model.backbone.check_ids(self.pad_token_id, f"the padding id ({self._pad_source})")
-        return self.model.backbone.check_ids(ids, source)
+        return out, mask
 
     def image_prompt(self, text: str, image) -> tuple[str, np.ndarray, np.ndarray]:
         """3.3a: (chat prompt with the image placeholder, pixel_values, image_grid_thw) for one image."""
@@ -191,8 +198,6 @@ class Pipeline:
         n, c = self.model.gen_head.target_shape
         noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(s), stream), i),
                                              (n, c), jnp.float32) for s, i in seeds_and_indices])
-        if self.round_latents:  # the sampler keeps its latents in the noise's dtype (models/flow.py)
-            noise = noise.astype(self.cfg.model.dtype)
         return self.model.sample_features(z, noise, num_steps=num_steps, guidance=guidance)
 
     def generate_features(self, prompts: Sequence[str], *, seed: int = 0, num_steps: int = 30,
@@ -231,9 +236,12 @@ class Pipeline:
     def negative_features(self, kind: str | None = None, num_steps: int = 30, guidance: float = 3.0) -> jax.Array:
         """(1, N, C) negative features for the decoder's guidance, computed once and cached.
 
-        kind (default: the pipeline's ``negative``): 'empty_prompt' = the generator on the raw empty
-        string, no chat template (docs/model.md fact 11; DiT ``num_steps`` / ``guidance`` as the prompts');
-        'zero_image' = target features of an all-zero normalized image (docs/model.md 3.3b).
+        kind (default: the pipeline's ``negative``): 'space_prompt' = the generator on the raw string
+        ``" "`` (the released pipeline_llava_gen.py's ``generate_image(text=[" "])``: the tokenizer's ids of
+        one space, then the marker and the queries, no chat template; docs/model.md fact 11);
+        'empty_prompt' = the same on ``""`` (marker + queries only); both with the DiT ``num_steps`` /
+        ``guidance`` of the prompts. 'zero_image' = target features of an all-zero normalized image
+        (docs/model.md 3.3b).
         """
         kind = kind or self.negative
         key = (kind,) if kind == "zero_image" else (kind, num_steps, guidance)
@@ -241,16 +249,27 @@ class Pipeline:
             with jax.set_mesh(self.mesh):
                 if kind == "zero_image":
                     if self.model.target_encoder is None:
-                        raise CheckpointError("negative 'zero_image' needs the target encoder; use 'empty_prompt'")
+                        raise CheckpointError("negative 'zero_image' needs the target encoder; use 'space_prompt'")
                     s = self.model.target_encoder.cfg.image_size
                     neg = self.model.target_features(np.zeros((1, s, s, 3), np.float32))
-                elif kind == "empty_prompt":  # [IMG] + queries only
-                    z = self.model.condition(np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32))
+                elif kind in ("space_prompt", "empty_prompt"):
+                    z = self.negative_condition(kind)
                     neg = self._sample(z, [(self.negative_seed, 0)], _NEGATIVE_STREAM, num_steps, guidance)
                 else:
                     raise ValueError(f"negative must be one of {NEGATIVES}, got {kind!r}")
             self._negative_cache[key] = neg
         return self._negative_cache[key]
+
+    def negative_condition(self, kind: str = DEFAULT_NEGATIVE) -> jax.Array:
+        """(1, n_query, H) condition of the prompt negatives: 'space_prompt' = ids of ``" "`` (Qwen: [220];
+        a tokenizer that drops whitespace gives none, i.e. the empty prompt), 'empty_prompt' = no ids;
+        unpadded, batch 1, as the released pipeline tokenizes it."""
+        if kind not in ("space_prompt", "empty_prompt"):
+            raise ValueError(f"prompt negatives are 'space_prompt' and 'empty_prompt', got {kind!r}")
+        ids = self.tokenizer.encode(SPACE_PROMPT, add_special_tokens=False) if kind == "space_prompt" else []
+        ids = np.asarray([ids], np.int32).reshape(1, -1)
+        with jax.set_mesh(self.mesh):
+            return self.model.condition(ids, np.ones(ids.shape, np.int32))
 
     # -- features -> pixels ------------------------------------------------------------------------
 
@@ -279,8 +298,6 @@ class Pipeline:
                     jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DECODER_STREAM),
                                                          first_index + start + j), shape, jnp.float32)
                     for j in range(batch_size)])
-                if self.round_latents:  # the Euler loop keeps its latents in the noise's dtype
-                    noise = noise.astype(dec.unet.dtype)
                 x = sched_lib.denoise(dec.unet, jnp.asarray(rows), uncond, noise, pixel_size=(size, size),
                                       num_steps=num_steps, guidance_scale=guidance, scheduler=dec.scheduler)
                 if dec.vae is not None:
@@ -304,29 +321,41 @@ class Pipeline:
 
     # -- image -> image (3.3b) ----------------------------------------------------------------------
 
-    def target_features(self, images: Sequence) -> np.ndarray:
-        """Target-encoder features (B, N, C) of images (PIL or uint8 arrays), encoder preprocessing."""
+    def target_features(self, images: Sequence, resize: str = "crop") -> np.ndarray:
+        """Target-encoder features (B, N, C) of images (PIL or uint8 arrays), encoder preprocessing.
+
+        ``resize`` (RESIZES): 'crop' = centre square crop (side min(W, H), offsets (W - side) // 2 and
+        (H - side) // 2), then resize to the encoder's side (the repository's inference.py); 'squash' =
+        resize to side x side ignoring the aspect ratio (pipeline_reconstruct.py). PIL bicubic."""
         if self.model.target_encoder is None:
             raise CheckpointError("this checkpoint has no target encoder (autoencoding needs model.gen_vision_tower)")
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {sorted(RESIZES)}, got {resize!r}")
         size = self.model.target_encoder.cfg.image_size
-        batch = preprocess.for_encoder(self.cfg.model.target_encoder, size).batch(list(images))
+        images = [square_crop(im) for im in images] if resize == "crop" else list(images)
+        batch = preprocess.for_encoder(self.cfg.model.target_encoder, size, "squash").batch(images)
         with jax.set_mesh(self.mesh):
             return np.asarray(jax.device_get(self.model.target_features(batch)))
 
     def reconstruct(self, images: Sequence, *, seed: int = 0, decoder_steps: int = 50, decoder_guidance: float = 3.0,
-                    size: int | None = None) -> np.ndarray:
+                    size: int | None = None, resize: str = "crop") -> np.ndarray:
         """Autoencoding (docs/model.md 3.3b): image -> target encoder -> decoder -> uint8 images; the negative is
-        the target features of an all-zero image, as in the reference's autoencoding pipeline."""
-        return self.decode(self.target_features(images), seed=seed, num_steps=decoder_steps,
+        the target features of an all-zero image, as in the reference's autoencoding pipeline. ``resize``:
+        see target_features ('crop' = inference.py, 'squash' = pipeline_reconstruct.py)."""
+        return self.decode(self.target_features(images, resize), seed=seed, num_steps=decoder_steps,
                            guidance=decoder_guidance, size=size, negative="zero_image")
 
     # -- image + question -> text (3.2) -------------------------------------------------------------
 
     def understand_tokens(self, image, question: str, *, max_new_tokens: int = 128, temperature: float = 0.0,
-                          top_p: float = 1.0, seed: int = 0) -> list[int]:
-        """Generated token ids for one image and question, up to (not including) the first stop token."""
+                          top_p: float = 1.0, seed: int = 0, repetition_penalty: float | None = None) -> list[int]:
+        """Generated token ids for one image and question, up to (not including) the first stop token.
+
+        ``repetition_penalty`` (default: the pipeline's, i.e. generation_config.json's or 1.0)."""
         if self.model.backbone.visual is None:
             raise CheckpointError("this checkpoint has no Qwen vision tower; understanding needs one")
+        if self.jpeg_quality is not None:
+            image = jpeg_round_trip(image, self.jpeg_quality)
 
         if self.und_image_size:
             image = preprocess.ImagePreprocessor(self.und_image_size).geometry(image)
@@ -334,12 +363,13 @@ class Pipeline:
         merge = self.model.backbone.vision_cfg.spatial_merge_size
         prompt = chat.understanding_prompt(question, chat.num_image_tokens(grid, merge))
         ids = np.asarray([self.tokenizer.encode(prompt, add_special_tokens=False)], np.int32)
-        ids = self.check_tokens(ids, "Pipeline.understand: the tokenizer's ids of the prompt")
         stops = self.stop_token_ids()
         with jax.set_mesh(self.mesh):
             out = decode.generate(self.model.backbone, ids, max_new_tokens=max_new_tokens, eos_token_ids=stops,
                                   pad_token_id=self.pad_token_id, pixel_values=patches,
-                                  image_grid_thw=np.asarray([grid]), temperature=temperature, top_p=top_p, seed=seed)
+                                  image_grid_thw=np.asarray([grid]), temperature=temperature, top_p=top_p, seed=seed,
+                                  repetition_penalty=self.repetition_penalty if repetition_penalty is None
+                                  else repetition_penalty)
         tokens = [int(t) for t in out[0]]
         for i, t in enumerate(tokens):
             if t in stops:
@@ -351,8 +381,8 @@ class Pipeline:
         return self.tokenizer.decode(self.understand_tokens(image, question, **kw), skip_special_tokens=True).strip()
 
     def stop_token_ids(self) -> tuple[int, ...]:
-        """``<|im_end|>`` and the tokenizer's eos (Qwen: <|im_end|>, <|endoftext|>)."""
-        ids = set()
+        """``<|im_end|>``, the tokenizer's eos (Qwen: <|im_end|>, <|endoftext|>) and generation_config.json's."""
+        ids = set(self.eos_token_ids)
         for token in (chat.IM_END, "<|endoftext|>"):
             i = self.tokenizer.convert_tokens_to_ids(token)
             if isinstance(i, int) and i != self.tokenizer.unk_token_id:
@@ -360,6 +390,42 @@ class Pipeline:
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return tuple(sorted(ids))
+
+
+def _apply_dit_scheduler(model, cfg, file: str | None) -> str | None:
+    """Sets the DiT sampler's schedule fields (models/flow.py FlowConfig: shift, num_train_timesteps) from a
+    FlowMatchEulerDiscreteScheduler config file (checkpoints.read_dit_scheduler checks it); returns a
+    description of what was used, None without a file (the model config's ``flow`` section stays)."""
+    if file is None:
+        return None
+    values = checkpoints.read_dit_scheduler(file)
+    head = model.gen_head
+    if not hasattr(head, "flow_cfg"):
+        raise CheckpointError(f"--dit-scheduler {file}: this model's generation head "
+                              f"({cfg.model.gen_head!r}) has no flow sampler")
+    head.flow_cfg = dataclasses.replace(head.flow_cfg, **values)
+    for k, v in values.items():
+        cfg.flow[k] = v
+    return f"{file} ({', '.join(f'{k}={v}' for k, v in sorted(values.items()))})"
+
+
+def square_crop(image) -> Image.Image:
+    """The centred min(W, H) square of an image, offsets rounded down (the repository's inference.py)."""
+    image = preprocess.to_pil_rgb(image)
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def jpeg_round_trip(image, quality: int) -> Image.Image:
+    """The image saved as an RGB JPEG at ``quality`` and decoded again (PIL; 4:2:0 chroma subsampling,
+    PIL's default), as the official lmms-eval class does before the Qwen processor."""
+    buffer = io.BytesIO()
+    preprocess.to_pil_rgb(image).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as im:
+        return im.convert("RGB")
 
 
 @nnx.jit

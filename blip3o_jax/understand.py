@@ -7,7 +7,10 @@ Greedy decoding by default (as the reference's evaluation); ``--temperature`` > 
 ``--top-p``, reproducibly for a ``--seed``. The image goes through the numpy Qwen2.5-VL processor
 (min/max pixels from the checkpoint's preprocessor_config.json when present, ``--min-pixels`` /
 ``--max-pixels`` override), the prompt is the Qwen chat template with the image first, and the
-answer comes from the KV-cache decoder (decode.generate), stopping at ``<|im_end|>``.
+answer comes from the KV-cache decoder (decode.generate), stopping at ``<|im_end|>``. A checkpoint's
+``generation_config.json`` adds its repetition penalty and eos ids (``--repetition-penalty``,
+``--nogeneration-config`` override); ``--jpeg-quality Q`` re-encodes the image as JPEG first, as the
+official lmms-eval evaluation does (Q = 75 there).
 """
 
 from __future__ import annotations
@@ -25,15 +28,14 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
     flags.DEFINE_float("top-p", 1.0, "nucleus sampling mass (with --temperature > 0)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "sampling seed (with --temperature > 0)", flag_values=fv)
-    flags.DEFINE_integer("min-pixels", None, "processor minimum pixels (default: the checkpoint's)", flag_values=fv)
-    flags.DEFINE_integer("max-pixels", None, "processor maximum pixels (default: the checkpoint's)", flag_values=fv)
+    cli.define_understanding_flags(fv)
 
 
 def main(argv=None) -> str:
     args = cli.parse(argv, define_flags, __doc__)
-    kw = {k: v for k, v in (("min_pixels", args.min_pixels), ("max_pixels", args.max_pixels)) if v}
     pipe = inference.Pipeline.from_checkpoint(args.checkpoint, mesh=inference.inference_mesh(args.devices),
-                                              **cli.checkpoint_kwargs(args), load_decoder_weights=False, **kw)
+                                              **cli.checkpoint_kwargs(args), load_decoder_weights=False,
+                                              **cli.understanding_kwargs(args))
     answer = pipe.understand(inference.open_image(args.image), args.question, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(answer)

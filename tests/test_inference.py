@@ -200,7 +200,9 @@ def test_eval_geneval_layout_and_vqa(checkpoints, pipe, tmp_path):
     rows = [{"image": "v0.png", "question": "What color is the shape ?", "answer": right.upper() + "."},
             {"image": str(tmp_path / "v1.png"), "question": "What color is the shape ?", "answer": "no such answer"}]
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = eval_lib.main(["vqa", "--checkpoint", str(dst), "--data", str(tmp_path / "qa.jsonl"), "--devices", "1"])
+    # The pipe's processor limits, no JPEG round trip (the official defaults: test_eval_vqa_official_defaults).
+    result = eval_lib.main(["vqa", "--checkpoint", str(dst), "--data", str(tmp_path / "qa.jsonl"), "--devices", "1",
+                            "--min-pixels", "3136", "--max-pixels", "12845056", "--jpeg-quality", "0"])
     assert result["n"] == 2 and result["accuracy"] == 0.5
 
 
@@ -229,3 +231,248 @@ def test_inference_form_training_sequence_gives_the_inference_condition(pipe):
     assert np.abs(training_form - reference).max() > 1e-2 * np.abs(reference).max()
     with pytest.raises(ValueError, match="generation prompt 'chat'"):
         samples.generation_tokens(pipe.tokenizer, "x", max_length=64, n_query=N_QUERY, ids=ids, prompt="chat")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fidelity to the released pipeline (issue 20: negative " ", autoencode resizes, eval defaults,
+# generation_config.json, the DiT scheduler config)
+
+
+def _space_tokenizer():
+    """The tiny tokenizer with one spare word turned into the token " " (the released Qwen tokenizer
+    encodes " " as [220]; the word-level one drops whitespace and would give no id at all)."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = tiny_tokenizer()
+    vocab = base.get_vocab()
+    vocab[" "] = vocab.pop("w75")
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in base.added_tokens_encoder])
+    tok.add_tokens([AddedToken(" ", normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>"), vocab[" "]
+
+
+def _torch_condition(released, ids):
+    """docs/model.md 3.1 steps 2-4 with transformers' modules: embed(ids + [IMG]) ++ queries -> the last
+    n_query final-norm states (batch 1, no padding, 1-D positions)."""
+    lm = released["qwen"].model.language_model
+    with torch.no_grad():
+        embeds = lm.embed_tokens(torch.tensor([list(ids) + [GEN_START]]))
+        embeds = torch.cat([embeds, released["queries"]], 1)
+        return lm(inputs_embeds=embeds).last_hidden_state[:, -N_QUERY:].numpy()
+
+
+def test_space_prompt_negative_matches_torch(released, pipe):
+    """The default negative = the released pipeline's generate_image(text=[" "]): ids of " ", [IMG], the
+    queries, no template; then the guided DiT loop (diffusers modules, the same noise)."""
+    import jax
+
+    from tests.references.blip3o import DIT
+    from tests.references.flow import guided_sample
+
+    assert pipe.negative == "space_prompt" == inference.DEFAULT_NEGATIVE
+    tokenizer, space_id = _space_tokenizer()
+    original, pipe.tokenizer = pipe.tokenizer, tokenizer
+    pipe._negative_cache.clear()
+    try:
+        assert tokenizer.encode(" ", add_special_tokens=False) == [space_id]
+        z = np.asarray(pipe.negative_condition("space_prompt"))
+        want = _torch_condition(released, [space_id])
+        np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+        empty = np.asarray(pipe.negative_condition("empty_prompt"))
+        want_empty = _torch_condition(released, [])
+        np.testing.assert_allclose(empty, want_empty, rtol=1e-5, atol=1e-5 * np.abs(want_empty).max())
+        assert np.abs(empty - z).max() > 1e-2 * np.abs(z).max()
+
+        neg = np.asarray(pipe.negative_features(num_steps=2))
+        n, c = pipe.model.gen_head.target_shape
+        # The pipeline's negative noise stream (seed 0, stream 2, index 0): an input, drawn the same way.
+        noise = np.array(jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), 0),
+                                             (1, n, c), np.float32))
+        ref = guided_sample(released["dit"], released["cap"], DIT, want, noise, num_steps=2)
+        np.testing.assert_allclose(neg, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    finally:
+        pipe.tokenizer = original
+        pipe._negative_cache.clear()
+
+
+@pytest.fixture(scope="module")
+def extras(checkpoints, tmp_path_factory):
+    """The Orbax checkpoint plus a pipeline.json (demo-style zero_image negative), a transformers
+    generation_config.json (repetition penalty, eos ids) and a DiT scheduler config (shift 3) at its root."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    _, dst, _ = checkpoints
+    path = tmp_path_factory.mktemp("extras")
+    for name in set(os.listdir(dst)) - {"pipeline.json", "generation_config.json", "scheduler"}:
+        os.symlink(dst / name, path / name)  # (never write through a link into the shared checkpoint)
+    (path / "pipeline.json").write_text(json.dumps({"negative": "zero_image"}))
+    (path / "generation_config.json").write_text(json.dumps(
+        {"repetition_penalty": 1.5, "eos_token_id": [EOS, PAD], "do_sample": True, "temperature": 0.1, "top_k": 1}))
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(path / "scheduler")
+    return path
+
+
+@pytest.fixture(scope="module")
+def extras_pipe(extras):
+    return inference.Pipeline.from_checkpoint(extras, mesh=inference.inference_mesh(1), load_decoder_weights=False)
+
+
+def test_checkpoint_defaults_win(extras_pipe):
+    assert extras_pipe.negative == "zero_image"  # the checkpoint's pipeline.json over the released default
+    assert extras_pipe.repetition_penalty == 1.5 and {EOS, PAD} <= set(extras_pipe.stop_token_ids())
+    assert "shift=3.0" in extras_pipe.flow_source and "scheduler_config.json" in extras_pipe.flow_source
+
+
+def test_dit_scheduler_config_drives_the_sampler(released, extras, extras_pipe, pipe, tmp_path):
+    """scheduler/scheduler_config.json at the checkpoint root sets the sampler's shift: the guided loop
+    equals the PyTorch loop stepping diffusers' scheduler loaded from that file."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tests.references.blip3o import DIT
+    from tests.references.flow import guided_sample
+
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(extras / "scheduler")
+    assert sched.config.shift == 3.0
+    steps = 3
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))
+    sigmas, timesteps = flow.sampling_schedule(steps, extras_pipe.model.gen_head.flow_cfg.shift,
+                                               extras_pipe.model.gen_head.flow_cfg.num_train_timesteps)
+    np.testing.assert_array_equal(sigmas, sched.sigmas.numpy())
+    np.testing.assert_array_equal(timesteps, sched.timesteps.long().numpy())
+
+    rng = np.random.RandomState(0)
+    z = rng.randn(1, N_QUERY, 64).astype(np.float32)
+    noise = rng.randn(1, *extras_pipe.model.gen_head.target_shape).astype(np.float32)
+    got = np.asarray(extras_pipe.model.sample_features(z, noise, num_steps=steps))
+    want = guided_sample(released["dit"], released["cap"], DIT, z, noise, steps, sched=sched)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    unshifted = np.asarray(pipe.model.sample_features(z, noise, num_steps=steps))
+    assert np.abs(unshifted - got).max() > 1e-2 * np.abs(want).max()
+
+    # --dit-scheduler PATH overrides; fields the sampler does not implement are refused by name.
+    FlowMatchEulerDiscreteScheduler(shift=2.0).save_pretrained(tmp_path / "s2")
+    assert checkpoints_lib.read_dit_scheduler(str(tmp_path / "s2")) == {"shift": 2.0, "num_train_timesteps": 1000}
+    FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).save_pretrained(tmp_path / "dyn")
+    with pytest.raises(checkpoints_lib.CheckpointError, match="use_dynamic_shifting=True"):
+        checkpoints_lib.read_dit_scheduler(str(tmp_path / "dyn"))
+    with pytest.raises(checkpoints_lib.CheckpointError, match="use_dynamic_shifting"):
+        inference.Pipeline.from_checkpoint(extras, mesh=inference.inference_mesh(1), load_decoder_weights=False,
+                                           dit_scheduler=str(tmp_path / "dyn"))
+
+
+def test_generation_config_repetition_penalty_matches_transformers(checkpoints, extras, extras_pipe, pipe, released,
+                                                                   tmp_path):
+    """generation_config.json's repetition_penalty and eos ids, greedy: token-identical to transformers'
+    generate(..., repetition_penalty=1.5); --nogeneration-config gives the plain greedy answer."""
+    image, question = _image(0), "What color is the shape ?"
+    patches, grid = pipe.processor.preprocess_one(image)
+    prompt = inference.chat.understanding_prompt(question, inference.chat.num_image_tokens(grid))
+    ids = torch.tensor([pipe.tokenizer.encode(prompt, add_special_tokens=False)])
+
+    def reference(**kw):
+        with torch.no_grad():
+            out = released["qwen"].generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.from_numpy(patches),
+                image_grid_thw=torch.tensor([grid]), mm_token_type_ids=(ids == IMAGE).long(), max_new_tokens=16,
+                do_sample=False, eos_token_id=[EOS, PAD], pad_token_id=PAD, **kw)[0, ids.shape[1]:].tolist()
+        return out[: next((i for i, t in enumerate(out) if t in (EOS, PAD)), len(out))]
+
+    want = reference(repetition_penalty=1.5)
+    plain = reference()
+    assert want != plain  # the penalty changes this answer, so the comparison means something
+    assert extras_pipe.understand_tokens(image, question, max_new_tokens=16) == want
+    assert pipe.understand_tokens(image, question, max_new_tokens=16, repetition_penalty=1.5) == want
+    assert extras_pipe.understand_tokens(image, question, max_new_tokens=16, repetition_penalty=1.0) == plain
+
+    Image.fromarray(image).save(tmp_path / "q.png")
+    base = ["--checkpoint", str(extras), "--image", str(tmp_path / "q.png"), "--question", question,
+            "--max-new-tokens", "16", "--devices", "1"]
+    decode_text = lambda t: pipe.tokenizer.decode(t, skip_special_tokens=True).strip()  # noqa: E731
+    assert understand.main(base) == decode_text(want)
+    assert understand.main([*base, "--nogeneration-config"]) == decode_text(plain)
+
+
+def test_autoencode_resize_crop_and_squash(checkpoints, pipe, tmp_path):
+    """crop = the repository's inference.py (centred square, offsets rounded down, then Resize((S, S)));
+    squash = pipeline_reconstruct.py (Resize((S, S))); PIL bicubic + CLIP normalisation in numpy."""
+    _, dst, _ = checkpoints
+    image = _image(7, 60, 91)  # odd margin: offset (91 - 60) // 2 = 15, where rounding would give 16
+    side = pipe.model.target_encoder.cfg.image_size
+    mean = np.asarray((0.48145466, 0.4578275, 0.40821073), np.float32)
+    std = np.asarray((0.26862954, 0.26130258, 0.27577711), np.float32)
+
+    def reference(pil):
+        x = np.asarray(pil.resize((side, side), Image.Resampling.BICUBIC), np.float32) / np.float32(255)
+        return ((x - mean) / std)[None]
+
+    crop = reference(Image.fromarray(image[:, 15:75]))
+    squash = reference(Image.fromarray(image))
+    with inference.jax.set_mesh(pipe.mesh):
+        want_crop = np.asarray(pipe.model.target_features(crop))
+        want_squash = np.asarray(pipe.model.target_features(squash))
+    got_crop = pipe.target_features([image])  # the default
+    np.testing.assert_allclose(got_crop, want_crop, rtol=1e-6, atol=1e-6 * np.abs(want_crop).max())
+    np.testing.assert_allclose(pipe.target_features([image], "squash"), want_squash, rtol=1e-6,
+                               atol=1e-6 * np.abs(want_squash).max())
+    assert np.abs(want_crop - want_squash).max() > 1e-3 * np.abs(want_crop).max()
+
+    Image.fromarray(image).save(tmp_path / "in.png")
+    generate.main(["--checkpoint", str(dst), "--image", str(tmp_path / "in.png"), "--autoencode", "--resize", "squash",
+                   "--features-out", str(tmp_path / "s.npy"), *STEPS])
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), want_squash, rtol=1e-6,
+                               atol=1e-6 * np.abs(want_squash).max())
+
+
+def test_eval_vqa_official_defaults(checkpoints, released, pipe, tmp_path):
+    """eval vqa = lmms-eval's BLIP3-o class: the image saved as JPEG by PIL with its default quality, then
+    transformers' Qwen2.5-VL processor with min_pixels 200704 / max_pixels 1605632, then greedy generate."""
+    import io
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    _, dst, _ = checkpoints
+    image, question = _image(8, 60, 90), "What color is the shape ?"
+    Image.fromarray(image).save(tmp_path / "v.png")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG")  # as the official class: no quality argument
+    jpeg = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(inference.jpeg_round_trip(image, eval_lib.EVAL_JPEG_QUALITY)),
+                                  np.asarray(jpeg))
+    processed = Qwen2VLImageProcessorPil(min_pixels=200704, max_pixels=1605632)([jpeg], return_tensors="np")
+    patches, grid = processed["pixel_values"], [int(g) for g in processed["image_grid_thw"][0]]
+    assert grid[1] * grid[2] * 14 * 14 >= 200704  # upsized to the official minimum
+    prompt = inference.chat.understanding_prompt(question, inference.chat.num_image_tokens(grid))
+    ids = torch.tensor([pipe.tokenizer.encode(prompt, add_special_tokens=False)])
+    with torch.no_grad():
+        out = released["qwen"].generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.from_numpy(patches),
+            image_grid_thw=torch.tensor([grid]), mm_token_type_ids=(ids == IMAGE).long(), max_new_tokens=8,
+            do_sample=False, eos_token_id=[EOS, PAD], pad_token_id=PAD)[0, ids.shape[1]:].tolist()
+    want = pipe.tokenizer.decode(out[: next((i for i, t in enumerate(out) if t in (EOS, PAD)), len(out))],
+                                 skip_special_tokens=True).strip()
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"image": "v.png", "question": question, "answer": want}) + "\n")
+    preds = tmp_path / "p.jsonl"
+    result = eval_lib.main(["vqa", "--checkpoint", str(dst), "--data", str(tmp_path / "qa.jsonl"), "--devices", "1",
+                            "--max-new-tokens", "8", "--predictions-out", str(preds)])
+    assert json.loads(preds.read_text())["prediction"] == want and result["accuracy"] == 1.0
+
+
+def test_repetition_penalty_is_transformers_processor():
+    """decode.apply_repetition_penalty = transformers' RepetitionPenaltyLogitsProcessor (negative logits
+    multiplied, others divided, each id once however often it occurs)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from blip3o_jax import decode
+
+    rng = np.random.RandomState(0)
+    logits = rng.randn(3, 40).astype(np.float32) * 3
+    ids = rng.randint(0, 40, (3, 9))
+    ids[0, :3] = 5  # repeats count once
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.from_numpy(ids), torch.from_numpy(logits.copy())).numpy()
+    seen = np.zeros(logits.shape, bool)
+    np.put_along_axis(seen, ids, True, axis=1)
+    np.testing.assert_array_equal(np.asarray(decode.apply_repetition_penalty(logits, seen, np.float32(1.3))), want)

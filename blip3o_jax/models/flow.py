@@ -11,7 +11,10 @@ Sampling runs ``num_steps`` Euler steps over ``linspace(1, 1/num_steps, num_step
 the head the integer-truncated timesteps (1000, 966, 933, ...) exactly like the reference, with the
 conditional and unconditional (zero condition) passes batched together. The whole loop is one
 compiled ``lax.fori_loop``; the schedule and guidance scale are traced arguments, so changing them
-does not recompile (changing the step count or shapes does).
+does not recompile (changing the step count or shapes does). ``shift`` / ``num_train_timesteps`` come from
+FlowConfig (config section ``flow``; at inference a checkpoint's DiT ``scheduler/scheduler_config.json``
+overrides them, checkpoints.read_dit_scheduler); ``sampling_schedule`` then equals diffusers'
+``FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(sigmas=linspace(1, 1/n, n))``.
 
 A "head" here is anything with ``velocity(x, t, z) -> (B, N, C)`` (the DiT, or a module wrapping it).
 """

@@ -11,13 +11,14 @@ def scheduler(shift=1.0):
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
-def guided_sample(dit, cap, cfg, z: np.ndarray, noise: np.ndarray, num_steps: int) -> np.ndarray:
+def guided_sample(dit, cap, cfg, z: np.ndarray, noise: np.ndarray, num_steps: int, sched=None) -> np.ndarray:
     """docs/model.md 7 with diffusers' modules: [null; cond] batch (null = zeros), int64 timesteps, the
-    scheduler's Euler step, guidance 3.0; noise and result as row-major tokens (B, N, C)."""
+    scheduler's Euler step, guidance 3.0; noise and result as row-major tokens (B, N, C). ``sched``: a
+    FlowMatchEulerDiscreteScheduler (default: BLIP3-o's, shift 1)."""
     from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
     b, side, c = len(z), cfg.input_size, cfg.in_channels
-    sched = scheduler()
+    sched = sched or scheduler()
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps))
     rope = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)
     x = torch.from_numpy(noise).reshape(b, side, side, c).permute(0, 3, 1, 2)
