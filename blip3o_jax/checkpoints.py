@@ -271,6 +271,8 @@ def load_model(path: str | os.PathLike, dtype: Any | None = None, mesh: jax.shar
             model.cfg.param_dtype, model.cfg.target_encoder != "none")
         return model, cfg
     cfg = read_config(path)
+    # The config's own ids against its vocabulary (abstract_model checks too; this names the file).
+    model_lib.check_config_token_ids(cfg, source=os.path.join(path, CONFIG_FILE))
     if dtype is not None:
         cfg.model.dtype = cfg.model.param_dtype = jnp.dtype(dtype).name
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
@@ -480,7 +482,9 @@ def _load_orbax_decoder(path: str, mesh, rule_table: str, dtype: Any) -> Decoder
 
 def load_decoder(path: str, mesh, rule_table: str = "replicated", dtype: Any = None) -> Decoder:
     """A decoder folder in diffusers layout (``unet/``, ``vae/``, ``scheduler/``) or its Orbax form;
-    ``dtype`` None keeps the stored one."""
+    ``dtype`` (parameters and compute of UNet and VAE; a name or a numpy dtype) None keeps the stored one
+    (float32 from diffusers files, whichever variant was read)."""
+    dtype = None if dtype is None else jnp.dtype(dtype)
     if os.path.exists(os.path.join(path, "unet", "config.json")):
         kw = {} if dtype is None else dict(dtype=dtype, param_dtype=dtype)
         unet, vae, sched = decoder_mapping.load_decoder(path, mesh, rule_table, **kw)

@@ -32,7 +32,10 @@ from ml_collections import config_flags
 
 HELP_ARGS = frozenset({"-h", "--help", "--helpshort", "--helpfull"})
 NEGATIVES = ("space_prompt", "empty_prompt", "zero_image")  # = inference.NEGATIVES (no project imports here)
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
+# --dtype presets of the checkpoint commands (inference.DTYPE_PRESETS holds what each one sets):
+# "released" = the released BLIP3-o pipeline's casts (LLM + DiT float16, decoder UNet + VAE bfloat16).
+DTYPE_PRESETS = ("released",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,7 +48,10 @@ def define_checkpoint_flags(fv: flags.FlagValues, *, decoder: bool = False) -> N
                         flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "tokenizer folder or tokenizer.json (default: the checkpoint's)",
                         flag_values=fv)
-    flags.DEFINE_enum("dtype", None, DTYPES, "parameter/compute dtype", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, DTYPES + DTYPE_PRESETS, "parameter/compute dtype of every model (default: "
+                      "the stored one, float32 from PyTorch); 'released' = the released pipeline's casts: LLM, DiT "
+                      "and target encoder float16, decoder UNet + VAE bfloat16, sampler latents rounded to the "
+                      "model's dtype after each float32 Euler step", flag_values=fv)
     flags.DEFINE_integer("devices", None, "use the first N devices (default: all)", flag_values=fv)
     if decoder:
         flags.DEFINE_string("decoder", None, "decoder folder (diffusers diffusion-decoder/ or converted) overriding "

@@ -162,6 +162,10 @@ def generate(
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
+    # Host-side id checks before any device work (the loop embeds the prompt, its padding and, after a
+    # row's eos, pad_token_id; an id beyond the embedding reads NaN: models.qwen2_5_vl.TokenIdError).
+    model.check_ids(pad_token_id, "decode.generate pad_token_id")
+    model.check_ids(input_ids, "decode.generate input_ids")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:

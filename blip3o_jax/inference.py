@@ -71,6 +71,21 @@ SPACE_PROMPT = " "  # generate_image(text=[" "]) of the released pipeline_llava_
 RESIZES = ("crop", "squash")
 # Separate random streams per use, so adding images or the negative never shifts another stream.
 _DIT_STREAM, _DECODER_STREAM, _NEGATIVE_STREAM = 0, 1, 2
+# ``dtype`` presets of from_checkpoint (the names are blip3o_jax/cli.py DTYPE_PRESETS): name -> (dtype of
+# the model (LLM, DiT, target encoder, ViT), dtype of the decoder (UNet, VAE), whether the samplers hold
+# their latents in the producing model's dtype between steps). "released" = docs/model.md fact 20: the
+# released inference script loads the whole model with torch_dtype=float16 (its DiT noise is drawn in
+# and kept in float16) and the decoder's bf16 variant files, whose pipeline draws bfloat16 latents; both
+# diffusers schedulers compute each Euler step in float32 and cast the result back to the model's dtype.
+DTYPE_PRESETS = {"released": ("float16", "bfloat16", True)}
+
+
+def resolve_dtype(dtype: Any) -> tuple[Any, Any, bool]:
+    """(model dtype, decoder dtype, round latents) of ``from_checkpoint(dtype=...)``: a preset name, or
+    one dtype (or None: the stored one) for both models with float32 latents."""
+    if isinstance(dtype, str) and dtype in DTYPE_PRESETS:
+        return DTYPE_PRESETS[dtype]
+    return dtype, dtype, False
 
 
 def inference_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:
@@ -99,12 +114,15 @@ class Pipeline:
     def __init__(self, model, tokenizer, cfg, mesh, decoder: Decoder | None = None, *,
                  negative: str = DEFAULT_NEGATIVE, min_pixels: int | None = None, max_pixels: int | None = None,
                  und_image_size: int | None = None, edit_image_size: int = EDIT_IMAGE_SIZE, negative_seed: int = 0,
-                 jpeg_quality: int | None = None, repetition_penalty: float = 1.0,
+                 round_latents: bool = False, jpeg_quality: int | None = None, repetition_penalty: float = 1.0,
                  eos_token_ids: Sequence[int] = ()):
         if negative not in NEGATIVES:
             raise ValueError(f"negative must be one of {NEGATIVES}, got {negative!r}")
         self.model, self.tokenizer, self.cfg, self.mesh, self.decoder = model, tokenizer, cfg, mesh, decoder
         self.negative, self.negative_seed = negative, negative_seed
+        # True: the DiT and decoder latents are rounded to their model's dtype after every float32 Euler
+        # step, as the released pipeline does (DTYPE_PRESETS); False keeps them float32 between steps.
+        self.round_latents = round_latents
         self.processor = qip.QwenImageProcessor(min_pixels=min_pixels or qip.RELEASED_MIN_PIXELS,
                                                 max_pixels=max_pixels or qip.RELEASED_MAX_PIXELS)
         self.und_image_size, self.edit_image_size = und_image_size, edit_image_size
@@ -115,7 +133,13 @@ class Pipeline:
         self.jpeg_quality, self.repetition_penalty = jpeg_quality, float(repetition_penalty)
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.flow_source = "the model config's flow section"
-        self.pad_token_id = int(cfg.model.pad_token_id)
+        # Padding takes the tokenizer's pad id, the config's only when the tokenizer has none: a small or
+        # fine-tuned model's config may keep the released 151643 beyond its vocabulary. Checked against
+        # the embedding wherever it is used (check_tokens), before any device work.
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = int(cfg.model.pad_token_id if pad is None else pad)
+        self._pad_source = ("tokenizer.pad_token_id" if pad is not None
+                            else "config model.pad_token_id; the tokenizer has no pad token")
         self._negative_cache: dict[tuple, jax.Array] = {}
 
     # -- loading ----------------------------------------------------------------------------------
@@ -128,13 +152,16 @@ class Pipeline:
         override the paths found in the checkpoint; ``negative`` and ``kw`` override the checkpoint's
         inference defaults (pipeline.json, preprocessor_config.json, generation_config.json unless
         ``generation_config`` is False: its repetition_penalty and eos ids); ``load_decoder_weights`` False skips
-        the decoder (features only). ``dit_scheduler``: a FlowMatchEulerDiscreteScheduler
+        the decoder (features only). ``dtype``: one dtype for model and decoder (None: the stored one) or
+        a ``DTYPE_PRESETS`` name (``resolve_dtype``). ``dit_scheduler``: a FlowMatchEulerDiscreteScheduler
         config file or folder for the DiT sampler (default: the checkpoint root's
         scheduler/scheduler_config.json if present, else the model config's ``flow`` section);
         ``pipe.flow_source`` says which was used."""
         path = checkpoints.model_dir(path)
         mesh = mesh or inference_mesh()
-        model, cfg = checkpoints.load_model(path, dtype, mesh)
+        model_dtype, decoder_dtype, round_latents = resolve_dtype(dtype)
+        kw.setdefault("round_latents", round_latents)
+        model, cfg = checkpoints.load_model(path, model_dtype, mesh)
         flow_source = _apply_dit_scheduler(model, cfg, dit_scheduler or checkpoints.dit_scheduler_file(path))
         defaults = checkpoints.pipeline_defaults(path)
         if generation_config:
@@ -150,7 +177,7 @@ class Pipeline:
         dec = None
         dec_dir = decoder or os.path.join(path, checkpoints.DECODER_DIR)
         if load_decoder_weights and (decoder is not None or os.path.isdir(dec_dir)):
-            dec = checkpoints.load_decoder(dec_dir, mesh, cfg.sharding.target, dtype)
+            dec = checkpoints.load_decoder(dec_dir, mesh, cfg.sharding.target, decoder_dtype)
         pipe = cls(model, tok, cfg, mesh, dec, negative=negative, **kw)
         pipe.flow_source = flow_source or pipe.flow_source
         return pipe
@@ -178,7 +205,13 @@ class Pipeline:
             if row:
                 out[r, length - len(row):] = row
                 mask[r, length - len(row):] = 1
-        return out, mask
+        return self.check_tokens(out, "Pipeline.encode: the tokenizer's ids of the prompts"), mask
+
+    def check_tokens(self, ids, source: str) -> np.ndarray:
+        """The padding id, then ``ids``, checked against the model's embedding table on the host
+        (models.qwen2_5_vl.TokenIdError names the id, the vocabulary size and ``source``)."""
+        self.model.backbone.check_ids(self.pad_token_id, f"the padding id ({self._pad_source})")
+        return self.model.backbone.check_ids(ids, source)
 
     def image_prompt(self, text: str, image) -> tuple[str, np.ndarray, np.ndarray]:
         """3.3a: (chat prompt with the image placeholder, pixel_values, image_grid_thw) for one image."""
@@ -198,6 +231,8 @@ class Pipeline:
         n, c = self.model.gen_head.target_shape
         noise = jnp.stack([jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(s), stream), i),
                                              (n, c), jnp.float32) for s, i in seeds_and_indices])
+        if self.round_latents:  # the sampler keeps its latents in the noise's dtype (models/flow.py)
+            noise = noise.astype(self.cfg.model.dtype)
         return self.model.sample_features(z, noise, num_steps=num_steps, guidance=guidance)
 
     def generate_features(self, prompts: Sequence[str], *, seed: int = 0, num_steps: int = 30,
@@ -298,6 +333,8 @@ class Pipeline:
                     jax.random.normal(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DECODER_STREAM),
                                                          first_index + start + j), shape, jnp.float32)
                     for j in range(batch_size)])
+                if self.round_latents:  # the Euler loop keeps its latents in the noise's dtype
+                    noise = noise.astype(dec.unet.dtype)
                 x = sched_lib.denoise(dec.unet, jnp.asarray(rows), uncond, noise, pixel_size=(size, size),
                                       num_steps=num_steps, guidance_scale=guidance, scheduler=dec.scheduler)
                 if dec.vae is not None:
@@ -363,6 +400,7 @@ class Pipeline:
         merge = self.model.backbone.vision_cfg.spatial_merge_size
         prompt = chat.understanding_prompt(question, chat.num_image_tokens(grid, merge))
         ids = np.asarray([self.tokenizer.encode(prompt, add_special_tokens=False)], np.int32)
+        ids = self.check_tokens(ids, "Pipeline.understand: the tokenizer's ids of the prompt")
         stops = self.stop_token_ids()
         with jax.set_mesh(self.mesh):
             out = decode.generate(self.model.backbone, ids, max_new_tokens=max_new_tokens, eos_token_ids=stops,
