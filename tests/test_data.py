@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blip3o_jax import inference
 from blip3o_jax.data import chat
 from blip3o_jax.data import preprocess
 from blip3o_jax.data import pipeline, samples, sources, synthetic
@@ -430,3 +431,9 @@ def test_generation_inference_prompt_real_qwen_ids(qwen_tok):
     n = len(full)
     np.testing.assert_array_equal(out["input_ids"][:n], full)
     assert out["query_start"] == n + 1 and out["input_ids"][n] == 151665 and out["attention_mask"].sum() == n + 65
+
+
+def test_space_prompt_negative_is_qwen_id_220(qwen_tok):
+    """The released decoder negative is ``generate_image(text=[" "])``: with the real Qwen2.5 vocabulary the
+    LLM sees exactly id 220 (inference.SPACE_PROMPT, tokenized as Pipeline.negative_condition does)."""
+    assert qwen_tok.encode(inference.SPACE_PROMPT, add_special_tokens=False) == [220]
