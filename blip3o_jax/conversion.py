@@ -508,8 +508,10 @@ def _write_layers(params_dir: str, stacked: list, view, entries) -> None:
             raise ValueError(f"{params_dir}: {'/'.join(map(str, path))} stored as {tuple(store.shape)}, "
                              f"expected {tuple(shape)}")
         for key, layer, transform in entries["/".join(map(str, path))]:
-            x = np.asarray(weights.to_jax_layout(view.get(key), transform), dtype=dtype)
-            store[layer].write(x).result()
+            # In the chunk's own (C) order, so TensorStore may use the array as the chunk instead of
+            # copying it (the torch-layout read is freed before the write starts).
+            x = np.ascontiguousarray(weights.to_jax_layout(view.get(key), transform), dtype=dtype)
+            store[layer].write(x, can_reference_source_data_indefinitely=True).result()
             del x
         _release_freed_memory()
 
