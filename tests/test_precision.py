@@ -36,18 +36,10 @@ from blip3o_jax.decoder import scheduler as sched
 from blip3o_jax.decoder import unet_mapping
 from blip3o_jax.models import flow
 from tests.references.blip3o import tiny_tokenizer
-from tests.references.decoder import EULER, perturb
+from tests.references.decoder import EULER, PIPELINE_UNET, PIPELINE_VAE, perturb
 
 REL = 1e-2  # float16 vs float32, relative RMS (issue 20 item 4)
 SCALE_FACTOR = 2.0  # ours vs torch in the same low precision, in units of torch's own low-vs-float32 change
-TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1),
-                 attention_head_dim=(2, 2), cross_attention_dim=32, addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=8, use_linear_projection=True)
-TINY_VAE = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-                sample_size=16, scaling_factor=0.13025)
 
 
 def _rel(a, b) -> float:
@@ -81,8 +73,8 @@ def ckpt(released):
     tiny_tokenizer().save_pretrained(src)
     torch.manual_seed(0)
     dec = src / checkpoints_lib.DECODER_DIR
-    perturb(UNet2DConditionModel(addition_embed_type="text_time", **TINY_UNET), 1).save_pretrained(dec / "unet")
-    perturb(AutoencoderKL(**TINY_VAE), 2).save_pretrained(dec / "vae")
+    perturb(UNet2DConditionModel(addition_embed_type="text_time", **PIPELINE_UNET), 1).save_pretrained(dec / "unet")
+    perturb(AutoencoderKL(**PIPELINE_VAE), 2).save_pretrained(dec / "vae")
     EulerDiscreteScheduler(**EULER).save_pretrained(dec / "scheduler")
     return src
 
@@ -234,7 +226,7 @@ def test_decoder_bfloat16_loop_against_torch(tmp_path):
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
     torch.manual_seed(0)
-    ref = perturb(UNet2DConditionModel(addition_embed_type="text_time", **TINY_UNET), 1)
+    ref = perturb(UNet2DConditionModel(addition_embed_type="text_time", **PIPELINE_UNET), 1)
     with torch.no_grad():  # bfloat16 values are float16 values too (the exponent range aside): both sides exact
         for p in ref.parameters():
             p.copy_(p.to(torch.bfloat16).float())

@@ -118,9 +118,11 @@ class EvaBlock(nnx.Module):
 
     def __init__(self, cfg: EvaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.postnorm = cfg.postnorm
-        self.norm1 = nn.LayerNorm(cfg.width, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = nn.LayerNorm(cfg.width, cfg.layer_norm_eps, fast_variance=True, param_dtype=param_dtype,
+                                  rngs=rngs)
         self.attn = EvaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm2 = nn.LayerNorm(cfg.width, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm2 = nn.LayerNorm(cfg.width, cfg.layer_norm_eps, fast_variance=True, param_dtype=param_dtype,
+                                  rngs=rngs)
         self.mlp = EvaMlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

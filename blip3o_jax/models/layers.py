@@ -103,12 +103,13 @@ class LayerNorm(nnx.Module):
     ``cast_before_scale=False`` (default) applies scale and bias in float32 and rounds once, as
     torch's LayerNorm kernel does for half inputs (diffusers' LayerNorm is torch's on torch >= 2.1);
     ``True`` rounds the normalised x first. ``affine=False`` has no parameters (torch
-    ``elementwise_affine=False``).
+    ``elementwise_affine=False``). ``fast_variance``: flax's one-pass statistics instead (see ``_fast``).
     """
 
     def __init__(self, dim: int, eps: float, *, affine: bool = True, cast_before_scale: bool = False,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+                 fast_variance: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs | None = None):
         self.eps, self.affine, self.cast_before_scale = eps, affine, cast_before_scale
+        self.fast_variance = fast_variance
         if affine:
             self.scale = _norm_param(rngs, nnx.initializers.ones_init(), dim, param_dtype)
             self.bias = _norm_param(rngs, nnx.initializers.zeros_init(), dim, param_dtype)
@@ -116,6 +117,8 @@ class LayerNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
+        if self.fast_variance and self.affine and not self.cast_before_scale:
+            return self._fast(x32, mean).astype(x.dtype)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         if not self.affine:
@@ -124,6 +127,14 @@ class LayerNorm(nnx.Module):
             dt = x.dtype
             return y.astype(dt) * self.scale[...].astype(dt) + self.bias[...].astype(dt)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+    def _fast(self, x32: jax.Array, mean: jax.Array) -> jax.Array:
+        # flax's LayerNorm arithmetic (Var = E[x^2] - E[x]^2, scale folded into the rsqrt), which the EVA and
+        # SigLIP2 ports used before this class existed: kept bit for bit so models trained with it (the
+        # demo) reproduce. Both formulas agree with torch's to float32 rounding (the parity tests).
+        var = jnp.maximum(0.0, jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean))
+        mul = jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        return (x32 - mean) * mul + self.bias[...].astype(jnp.float32)
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None], dtype=jnp.float32):

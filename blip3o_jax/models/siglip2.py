@@ -126,9 +126,11 @@ class Siglip2Mlp(nnx.Module):
 
 class Siglip2EncoderLayer(nnx.Module):
     def __init__(self, cfg: Siglip2Config, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, fast_variance=True,
+                                          param_dtype=param_dtype, rngs=rngs)
         self.self_attn = Siglip2Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, fast_variance=True,
+                                          param_dtype=param_dtype, rngs=rngs)
         self.mlp = Siglip2Mlp(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -210,7 +212,8 @@ class Siglip2VisionModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embeddings = Siglip2Embeddings(cfg, **kw)
         self.encoder = Siglip2Encoder(cfg, **kw)
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, fast_variance=True,
+                                           param_dtype=param_dtype, rngs=rngs)
 
     def hidden_state(self, images: jax.Array, index: int) -> jax.Array:
         n = layers_for_hidden_state(index, self.cfg.num_hidden_layers)
