@@ -52,12 +52,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import flags
 from flax import nnx
 from jax.experimental import topologies
 
-from blip3o_jax import cli, configlib, optim, sharding
+from blip3o_jax import cli, configlib, optim, sharding, training
 from blip3o_jax import flops as flops_lib
 from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax.models import heads
@@ -359,29 +358,31 @@ def tpu_topology(slice_name: str):
 
 
 def compile_train_step(cfg, stage: str, mesh) -> dict:
-    """AOT-compiles one training step (gradient + AdamW update, as train.py does) with abstract,
-    sharded inputs on ``mesh``; returns XLA's memory analysis in bytes per device."""
+    """AOT-compiles the trainer's own step (training.make_train_step: gradient accumulation, AdamW,
+    the non-finite guard; state donated) with abstract, sharded inputs on ``mesh``; returns XLA's
+    memory analysis in bytes per device."""
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
     module = nnx.merge(graphdef, abstract)
     graphdef, trainable, frozen = nnx.split(module, model_lib.stage_trainable(cfg, stage), ...)
     tx = optim.make_optimizer(cfg.train)
     to_sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
     trainable, frozen = jax.tree.map(to_sds, trainable), jax.tree.map(to_sds, frozen)
-    opt_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                             jax.eval_shape(tx.init, trainable), optim.optimizer_shardings(tx, trainable, mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    state = {
+        "params": trainable,
+        "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  jax.eval_shape(tx.init, trainable), optim.optimizer_shardings(tx, trainable, mesh)),
+        "step": scalar(jnp.int32),
+        "rng": scalar(jnp.uint32, jax.random.key_data(jax.random.key(0)).shape),
+        "nonfinite": scalar(jnp.int32),
+    }
     batch = abstract_batch(cfg, stage, mesh)
-
-    def step(params, opt_state, frozen, batch, rng):
-        def loss_fn(p):
-            return model_lib.stage_loss(nnx.merge(graphdef, p, frozen), stage, batch, rng)[0]
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    step = training.jit_train_step(training.make_train_step(cfg, stage, graphdef, tx),
+                                   jax.tree.map(lambda x: x.sharding, state),
+                                   jax.tree.map(lambda x: x.sharding, frozen), mesh)
     with jax.set_mesh(mesh):
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(trainable, opt_state, frozen, batch, rng).compile()
+        compiled = step.lower(state, frozen, batch).compile()
     ma = compiled.memory_analysis()
     fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
               "generated_code_size_in_bytes")

@@ -16,12 +16,10 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
-import optax
 from absl import app, flags
 from flax import nnx
 
-from blip3o_jax import checkpoints, cli, configlib, distributed, flops, metrics, optim, sharding
+from blip3o_jax import checkpoints, cli, configlib, distributed, flops, metrics, optim, sharding, training
 from blip3o_jax.data import pipeline
 from blip3o_jax.demo import stages as demo
 from blip3o_jax.models import blip3o as model_lib
@@ -80,66 +78,16 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     logging.info("trainable parameters: %s; frozen: %s", f"{n_trainable:,}",
                  f"{sum(x.size for x in jax.tree.leaves(frozen)):,}")
 
-    # ---- Optimizer and shardings --------------------------------------------------------------
+    # ---- Optimizer, state and the jitted training step (training.py; plan.py compiles the same) ------
     tx = optim.make_optimizer(cfg.train)
-    schedule = optim.learning_rate_schedule(cfg.train)
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-    with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init, out_shardings=optim.optimizer_shardings(tx, trainable, mesh))(trainable)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = {
-        "params": trainable,
-        "opt_state": opt_state,
-        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        "rng": jax.device_put(jax.random.key_data(jax.random.key(cfg.train.seed)), replicated),
-        "nonfinite": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-    }
+    state = training.init_state(cfg, trainable, tx, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-
-    # ---- The jitted training step -------------------------------------------------------------
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     # The static image grid, if any; prepare_batch also checks each batch's ids (source named in errors).
     first_host, image_grid = model_lib.prepare_batch(next(batches), cfg, "the first training batch")
     precomputed = "target_features" in first_host  # no target-encoder pass to count in the MFU
-
-    def loss_fn(params, frozen_params, batch, rng):
-        m = nnx.merge(graphdef, params, frozen_params)
-        return model_lib.stage_loss(m, stage, batch, rng, image_grid)
-
-    def train_step(state, frozen_params, batch):
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        accum = cfg.train.grad_accum
-        micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
-
-        def accumulate(carry, xs):
-            grads_sum, loss_sum = carry
-            i, mb = xs
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state["params"], frozen_params, mb, jax.random.fold_in(rng, i))
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), aux
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state["params"])
-        (grads, loss), aux = jax.lax.scan(accumulate, (zeros, 0.0), (jnp.arange(accum), micro))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        loss = loss / accum
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-        new_params = optax.apply_updates(state["params"], updates)
-        # A non-finite loss or gradient skips the update (parameters and moments unchanged).
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_state = {
-            "params": keep(new_params, state["params"]),
-            "opt_state": keep(new_opt, state["opt_state"]),
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-            "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
-        }
-        out = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "finite": finite}
-        out.update(jax.tree.map(jnp.mean, aux))
-        return new_state, out
-
-    step_fn = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, None),
-                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    step_fn = training.jit_train_step(training.make_train_step(cfg, stage, graphdef, tx, image_grid),
+                                      state_shardings, frozen_shardings, mesh)
 
     # ---- Resume ---------------------------------------------------------------------------------
     ckpt = checkpoints.RunCheckpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
