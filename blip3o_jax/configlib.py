@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 
 from blip3o_jax.decoder.unet import UNetConfig
-from blip3o_jax.models import heads
+from blip3o_jax.models import flow, heads
 from blip3o_jax.models.eva_clip import EvaConfig
 from blip3o_jax.models.qwen2_5_vl import QwenTextConfig
 from blip3o_jax.models.qwen_vision import QwenVisionConfig
@@ -52,10 +52,13 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.frozen_param_dtype": ("compute", "float32", "bfloat16", "float16"),
     "sharding.llm": ("replicated", "fsdp", "tensor"),
     "sharding.vision": ("replicated", "fsdp", "tensor"),
     "sharding.dit": ("replicated", "fsdp", "tensor"),
     "sharding.target": ("replicated", "fsdp", "tensor"),
+    "flow.timestep_sampling": flow.TIMESTEP_SAMPLING,
+    "flow.loss_weighting": flow.LOSS_WEIGHTING,
     "train.stage": ("understanding", "generation", "instruction", "joint", "decoder", "pipeline"),
     "train.schedule": ("cosine_with_min_lr", "cosine", "constant"),
     "precompute.feature_dtype": ("float32", "bfloat16"),
@@ -150,6 +153,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.remat = "full"
+    # Storage dtype of the frozen parameters in the generation stages ("compute" = model.dtype; see
+    # models/blip3o.py frozen_param_dtype): bfloat16 halves the frozen backbone + target encoder.
+    c.model.frozen_param_dtype = "compute"
 
     # Flow matching (docs/model.md 6, 7).
     c.flow = ml_collections.ConfigDict()
@@ -158,6 +164,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.flow.cond_dropout = 0.1
     c.flow.sample_steps = 30
     c.flow.guidance = 3.0
+    # Which training timesteps are drawn and how each sample's error is weighted, with the names of
+    # diffusers' SD3 training scripts (models/flow.py); the defaults are the reference's uniform, unweighted.
+    c.flow.timestep_sampling = "uniform"  # uniform | logit_normal | mode
+    c.flow.logit_mean = 0.0
+    c.flow.logit_std = 1.0
+    c.flow.mode_scale = 1.29
+    c.flow.loss_weighting = "none"  # none | sigma_sqrt | cosmap
 
     # Device mesh: one axis may be -1 (= all remaining devices).
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -187,6 +200,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Text-to-image training sequence: "training" = the reference's (closed empty assistant turn), or
     # "inference" = the open assistant turn that inference conditions on (data.samples.generation_tokens).
     c.data.generation_prompt = "training"
+    # The validation split (train.eval_every): its own files (as data.paths, one pass), or the last
+    # eval_holdout records of the training data, which training then never reads.
+    c.data.eval_paths = ""
+    c.data.eval_holdout = 0
 
     # ``python -m blip3o_jax.precompute``: the frozen target encoder run once over config.data into
     # ArrayRecord shards that training reads instead of images (data.paths = the output directory).
@@ -214,6 +231,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 1
     c.train.init_from = ""  # an Orbax checkpoint or PyTorch directory to initialise parameters from
+    c.train.init_from_ema = False  # take init_from's EMA weights (its params_ema/) where it has them
+    # Exponential moving average of the trainable parameters, updated after every applied step
+    # (ema = decay * ema + (1 - decay) * params); 0 = off, the reference recipe (no EMA in the state).
+    c.train.ema_decay = 0.0
+    # Validation: every eval_every steps (0 = never) the flow loss at fixed timesteps and noise on the
+    # held-out split (data.eval_paths or data.eval_holdout), in that step's metrics row.
+    c.train.eval_every = 0
+    c.train.profile_steps = ""  # "START:END": a jax.profiler trace of steps START..END into WORKDIR/profile
+    c.train.profile_all_hosts = False  # trace on every process (default: process 0 only)
     c.train.max_nonfinite_steps = 10
     c.train.freeze_vision_tower = False  # understanding / joint: train the LLM only, keep the Qwen ViT fixed
     c.train.freeze_latent_queries = False  # generation / instruction / joint: keep the queries at their init
@@ -279,6 +305,44 @@ def _get(cfg: Any, dotted: str) -> Any:
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"config key {key!r}: {message}")
+
+
+def profile_steps(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """``train.profile_steps`` "START:END" as (START, END), steps numbered as in metrics.jsonl (the first
+    step is 1, both ends traced); None when empty."""
+    text = cfg.train.profile_steps.strip()
+    if not text:
+        return None
+    parts = text.split(":")
+    try:
+        start, end = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        start = end = None
+    _require(start is not None and 1 <= start <= end, "train.profile_steps",
+             f"{cfg.train.profile_steps!r} is not 'START:END' with 1 <= START <= END (steps as in metrics.jsonl)")
+    return start, end
+
+
+def _validate_training_features(cfg: ml_collections.ConfigDict) -> None:
+    """EMA, validation and profiling keys (train.ema_decay, train.eval_every, data.eval_*, train.profile_steps)."""
+    t, d = cfg.train, cfg.data
+    _require(0.0 <= t.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
+    _require(not t.init_from_ema or bool(t.init_from), "train.init_from_ema",
+             "needs train.init_from (the checkpoint whose params_ema/ to start from)")
+    _require(t.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 = no validation), got {t.eval_every}")
+    _require(d.eval_holdout >= 0, "data.eval_holdout", f"must be >= 0, got {d.eval_holdout}")
+    _require(not (d.eval_paths and d.eval_holdout), "data.eval_holdout",
+             "set either data.eval_paths or data.eval_holdout, not both")
+    if t.eval_every:
+        _require(bool(d.eval_paths) or d.eval_holdout > 0, "train.eval_every",
+                 "needs a validation split: data.eval_paths or data.eval_holdout > 0")
+        _require(t.stage in ("generation", "instruction", "joint"), "train.eval_every",
+                 f"the validation loss is the generation head's; stage {t.stage!r} has none "
+                 "(allowed: generation, instruction, joint)")
+        _require(d.eval_holdout == 0 or d.eval_holdout >= d.global_batch_size, "data.eval_holdout",
+                 f"{d.eval_holdout} records hold no full global batch of data.global_batch_size "
+                 f"{d.global_batch_size}")
+    profile_steps(cfg)
 
 
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
@@ -369,11 +433,16 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
              f"{cfg.data.max_length} leaves no room for text next to the {m.n_query + 1} image slots")
     _require(0.0 <= cfg.flow.cond_dropout < 1.0, "flow.cond_dropout", f"must be in [0, 1), got {cfg.flow.cond_dropout}")
     _require(cfg.flow.shift > 0, "flow.shift", f"must be > 0, got {cfg.flow.shift}")
+    _require(cfg.flow.logit_std > 0, "flow.logit_std", f"must be > 0, got {cfg.flow.logit_std}")
+    # The SD3 paper's range (eq. 20): beyond it the mode density is not monotone and leaves [0, 1].
+    _require(-1.0 <= cfg.flow.mode_scale <= 2 / (math.pi - 2), "flow.mode_scale",
+             f"must be in [-1, 2 / (pi - 2) = {2 / (math.pi - 2):.4f}], got {cfg.flow.mode_scale}")
     _require(0.0 <= cfg.train.warmup_ratio < 1.0, "train.warmup_ratio", f"must be in [0, 1), got {cfg.train.warmup_ratio}")
     for key in ("train.learning_rate", "demo.generation_learning_rate", "demo.decoder_learning_rate"):
         _require(_get(cfg, key) > 0, key, f"must be > 0, got {_get(cfg, key)}")
     _require(cfg.precompute.batch_size >= 0, "precompute.batch_size",
              f"must be >= 0, got {cfg.precompute.batch_size}")
+    _validate_training_features(cfg)
 
     if num_devices is not None:
         try:

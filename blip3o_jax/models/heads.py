@@ -52,6 +52,8 @@ class GenHead(Protocol):
 
     def loss(self, x0: jax.Array, z: jax.Array, rng: jax.Array) -> jax.Array: ...
 
+    def validation_losses(self, x0: jax.Array, z: jax.Array, sigmas: jax.Array, noise: jax.Array) -> jax.Array: ...
+
     def sample(self, z: jax.Array, rng_or_noise: jax.Array, **options: Any) -> jax.Array: ...
 
     def velocity(self, x: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array: ...
@@ -285,7 +287,23 @@ class FlowHead(nnx.Module):
     def loss(self, x0, z, rng):
         f = self.flow_cfg
         return flow.flow_matching_loss(self.net, x0, z, rng, cond_dropout=f.cond_dropout,
-                                       num_train_timesteps=f.num_train_timesteps, shift=f.shift)
+                                       num_train_timesteps=f.num_train_timesteps, shift=f.shift,
+                                       timestep_sampling=f.timestep_sampling, logit_mean=f.logit_mean,
+                                       logit_std=f.logit_std, mode_scale=f.mode_scale,
+                                       loss_weighting=f.loss_weighting)
+
+    def validation_losses(self, x0, z, sigmas, noise):
+        """(T,) the unweighted flow-matching loss at each sigma of ``sigmas`` (T,), with the given noise
+        (B, N, C) and every condition kept: the training objective with its random draws fixed (the
+        validation loss, training.Validator). One velocity pass over the T x B stacked samples."""
+        x0 = x0.astype(jnp.float32)
+        (b, *shape), n_t = x0.shape, sigmas.shape[0]
+        s = sigmas[:, None, None, None]
+        x_sigma = ((1.0 - s) * x0[None] + s * noise[None]).reshape((n_t * b, *shape))
+        t = jnp.repeat(sigmas * self.flow_cfg.num_train_timesteps, b)
+        z = jnp.broadcast_to(z[None], (n_t, *z.shape)).reshape((n_t * b, *z.shape[1:]))
+        pred = self.net.velocity(x_sigma, t, z).astype(jnp.float32).reshape((n_t, b, *shape))
+        return jnp.mean(jnp.square(pred - (noise - x0)[None]), axis=tuple(range(1, pred.ndim)))
 
     def sample(self, z, rng_or_noise, num_steps: int | None = None, guidance: float | None = None):
         f = self.flow_cfg
@@ -377,6 +395,10 @@ class MSEHead(nnx.Module):
     def loss(self, x0, z, rng):
         del rng  # deterministic objective
         return jnp.mean(jnp.square(self.predict(z) - x0.astype(jnp.float32)))
+
+    def validation_losses(self, x0, z, sigmas, noise):
+        del noise  # a regression has no noise level: the same loss at every sigma
+        return jnp.broadcast_to(self.loss(x0, z, None), sigmas.shape)
 
     def sample(self, z, rng_or_noise=None, **options):
         del rng_or_noise, options  # regression: one answer per condition
