@@ -6,6 +6,9 @@ and ``train.init_from`` read it)::
 
     DIR/config.json          the project config (configlib schema, as a dict)
     DIR/params/              the Orbax parameter tree (nested dict, ``backbone/model/...``)
+    DIR/params_ema/          optional: the EMA of the parameters a stage trained (train.ema_decay > 0),
+                             the same paths, only the trained ones; ``--ema`` / train.init_from_ema
+                             read them from here and everything else from params/ (restore_params)
     DIR/tokenizer.json ...   optional: the tokenizer / processor files (TOKENIZER_FILES)
     DIR/diffusion-decoder/   optional: the pixel decoder, Orbax form (params/ + config.json) or the
                              released diffusers form (unet/ vae/ scheduler/)
@@ -21,7 +24,7 @@ wherever a model checkpoint is accepted: ``config.json`` + safetensors, tokenize
 ``diffusion-decoder/`` beside them.
 
 **A training run's WORKDIR**: ``checkpoints/`` (RunCheckpointer: trainable parameters, optimizer state,
-step and RNG as one pytree, the data-iterator state and the config as JSON, saved asynchronously every
+step, RNG and, with train.ema_decay > 0, their EMA as one pytree, the data-iterator state and the config as JSON, saved asynchronously every
 ``checkpoint_every`` steps, keeping the newest ``keep_checkpoints``) and, when finished, ``params/``
 (a model checkpoint). A SIGTERM (or JAX's preemption notice on TPU/GPU clusters) makes the run save at
 the next step boundary and exit cleanly; restarting the same command resumes from the newest
@@ -56,6 +59,7 @@ from blip3o_jax.models import blip3o as model_lib
 from blip3o_jax.weights import CheckpointMismatchError
 
 PARAMS_DIR = "params"
+PARAMS_EMA_DIR = "params_ema"
 CONFIG_FILE = "config.json"
 DECODER_DIR = "diffusion-decoder"
 PIPELINE_FILE = "pipeline.json"
@@ -145,31 +149,61 @@ class RunCheckpointer:
         self.manager.close()
 
 
-def save_params(path: str, params: Any, config: dict | None = None) -> None:
+def save_params(path: str, params: Any, config: dict | None = None, ema: Any = None) -> None:
     """A standalone parameter checkpoint (the output of ``blip3o_jax.convert`` and of a finished stage):
-    ``path/params`` holds the model's parameters as a plain nested dict (``backbone/model/...``)."""
+    ``path/params`` holds the model's parameters as a plain nested dict (``backbone/model/...``);
+    ``ema`` (the moving average of the trained subset, same paths) goes to ``path/params_ema``."""
     path = os.path.abspath(path)
-    if isinstance(params, nnx.State):
-        params = nnx.to_pure_dict(params)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), params, force=True)
+    trees = {PARAMS_DIR: params} if ema is None else {PARAMS_DIR: params, PARAMS_EMA_DIR: ema}
+    for name, tree in trees.items():
+        if isinstance(tree, nnx.State):
+            tree = nnx.to_pure_dict(tree)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(path, name), tree, force=True)
     if config is not None:
         write_config(path, config)
 
 
-def restore_params(path: str, abstract_params: Any) -> Any:
+def has_ema(path: str | os.PathLike) -> bool:
+    return os.path.isdir(os.path.join(model_dir(path), PARAMS_EMA_DIR))
+
+
+def restore_params(path: str, abstract_params: Any, ema: bool = False) -> Any:
     """Restores onto the shardings of ``abstract_params`` (an abstract nnx.State or a plain dict).
 
     The checkpoint may hold more than the target: e.g. one with the EVA target encoder restores into a
     model built with ``model.target_encoder='none'`` (training on precomputed features); only the target's
     keys are read. A key the target needs but the checkpoint lacks, or a shape that differs, raises
-    ``weights.CheckpointMismatchError`` naming every such key.
+    ``weights.CheckpointMismatchError`` naming every such key. ``ema``: the arrays ``path/params_ema``
+    holds come from there (the EMA weights of a stage's trained parameters), the rest from ``path/params``.
     """
-    path = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    path = os.path.abspath(path)
     state = abstract_params if isinstance(abstract_params, nnx.State) else None
     like = nnx.to_pure_dict(state) if state is not None else abstract_params
     # Orbax stores dict keys as strings; list-like NNX containers have integer keys.
     target = _string_keys(like)
+    if ema:
+        ema_dir = os.path.join(path, PARAMS_EMA_DIR)
+        if not os.path.isdir(ema_dir):
+            raise CheckpointError(f"{path} has no {PARAMS_EMA_DIR}/ (a finished training stage writes one when "
+                                  "train.ema_decay > 0); drop --ema / train.init_from_ema to use its params/")
+        with ocp.StandardCheckpointer() as ckptr:
+            averaged = set(_flat_shapes(ckptr.metadata(ema_dir).item_metadata.tree))
+        from_ema, rest = _split_tree(target, averaged)
+        restored = _restore_tree(ema_dir, from_ema)
+        if rest:
+            restored = _merge_trees(restored, _restore_tree(os.path.join(path, PARAMS_DIR), rest))
+    else:
+        restored = _restore_tree(os.path.join(path, PARAMS_DIR), target)
+    restored = _keys_like(restored, like)
+    if state is None:
+        return restored
+    nnx.replace_by_pure_dict(state, restored)
+    return state
+
+
+def _restore_tree(path: str, target: dict) -> dict:
+    """One Orbax tree of ``path`` onto ``target`` (string keys), which may be a subset of what is stored."""
     with ocp.StandardCheckpointer() as ckptr:
         stored = _flat_shapes(ckptr.metadata(path).item_metadata.tree)
     wanted = _flat_shapes(target)
@@ -187,11 +221,29 @@ def restore_params(path: str, abstract_params: Any) -> Any:
                                       partial_restore=True)
         with ocp.PyTreeCheckpointer() as ckptr:
             restored = ckptr.restore(path, args=args)
-    restored = _keys_like(restored, like)
-    if state is None:
-        return restored
-    nnx.replace_by_pure_dict(state, restored)
-    return state
+    return restored
+
+
+def _split_tree(tree: dict, keys: set[str], prefix: str = "") -> tuple[dict, dict]:
+    """(the leaves of ``tree`` whose 'a/b/c' path is in ``keys``, the others), both nested like ``tree``."""
+    inside, outside = {}, {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            a, b = _split_tree(v, keys, f"{prefix}{k}/")
+            if a:
+                inside[k] = a
+            if b:
+                outside[k] = b
+        else:
+            (inside if f"{prefix}{k}" in keys else outside)[k] = v
+    return inside, outside
+
+
+def _merge_trees(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_trees(out[k], v) if k in out else v
+    return out
 
 
 def _flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
@@ -256,14 +308,18 @@ def save_model(path: str, model: nnx.Module, config: ml_collections.ConfigDict |
 
 
 def load_model(path: str | os.PathLike, dtype: Any | None = None, mesh: jax.sharding.Mesh | None = None, *,
-               allow_pickle: bool = False, progress: bool = False) -> tuple[model_lib.Blip3o, ml_collections.ConfigDict]:
+               allow_pickle: bool = False, progress: bool = False, ema: bool = False
+               ) -> tuple[model_lib.Blip3o, ml_collections.ConfigDict]:
     """(``Blip3o``, its project config) from a model checkpoint (or a finished run's WORKDIR) or a
     PyTorch directory (converted on the fly). ``dtype`` None keeps the stored parameter dtype (float32
-    for PyTorch directories)."""
+    for PyTorch directories). ``ema``: the trained parameters' EMA weights (``params_ema/``)."""
     path = model_dir(path)
     mesh = mesh or conversion.default_mesh()
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint directory")
+    if ema and not is_model_checkpoint(path):
+        raise CheckpointError(f"{path}: EMA weights (--ema) exist only in model checkpoints of this project "
+                              f"(a finished training stage's {PARAMS_EMA_DIR}/), not in a PyTorch directory")
     if not is_model_checkpoint(path):
         model = conversion.load_torch(path, jnp.float32 if dtype is None else dtype, mesh, allow_pickle=allow_pickle,
                                       progress=progress)
@@ -276,31 +332,35 @@ def load_model(path: str | os.PathLike, dtype: Any | None = None, mesh: jax.shar
     if dtype is not None:
         cfg.model.dtype = cfg.model.param_dtype = jnp.dtype(dtype).name
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
-    return nnx.merge(graphdef, restore_params(path, abstract)), cfg
+    return nnx.merge(graphdef, restore_params(path, abstract, ema=ema)), cfg
 
 
-def restore_into(model: model_lib.Blip3o, path: str | os.PathLike) -> None:
+def restore_into(model: model_lib.Blip3o, path: str | os.PathLike, ema: bool = False) -> None:
     """Parameter-only initialisation in place (``train.init_from``) from a model checkpoint, a finished
     run's WORKDIR or a PyTorch directory: arrays land in the shardings and dtypes the model already has.
+    ``ema`` (``train.init_from_ema``): the EMA weights where the checkpoint has them (restore_params).
 
     A checkpoint of another generation head (its config.json names another ``model.gen_head`` /
     ``model.denoiser``, e.g. the released DiT for a model that tries a new denoiser) initialises
     everything but the head, which keeps its initialisation (logged)."""
     path = model_dir(path)
     if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        if ema:
+            raise CheckpointError(f"train.init_from_ema: {path} is not a model checkpoint of this project, so it "
+                                  f"has no {PARAMS_EMA_DIR}/")
         conversion.load_into(model, path)
         return
     state = nnx.state(model, nnx.Param)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     stored = read_config(path).model if os.path.exists(os.path.join(path, CONFIG_FILE)) else None
     if stored is None or (stored.gen_head, stored.denoiser) == (model.cfg.gen_head, model.cfg.denoiser):
-        nnx.update(model, restore_params(path, abstract))  # a parameter tree needs no config to restore into
+        nnx.update(model, restore_params(path, abstract, ema=ema))  # a parameter tree needs no config to restore into
         return
     logging.warning("%s holds a %s/%s generation head; this model's %s/%s head keeps its initialisation", path,
                     stored.gen_head, stored.denoiser, model.cfg.gen_head, model.cfg.denoiser)
     target = nnx.to_pure_dict(abstract)
     target.pop("gen_head")
-    restored = restore_params(path, target)
+    restored = restore_params(path, target, ema=ema)
     restored["gen_head"] = nnx.to_pure_dict(state)["gen_head"]
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)

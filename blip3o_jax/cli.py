@@ -53,6 +53,8 @@ def define_checkpoint_flags(fv: flags.FlagValues, *, decoder: bool = False) -> N
                       "and target encoder float16, decoder UNet + VAE bfloat16, sampler latents rounded to the "
                       "model's dtype after each float32 Euler step", flag_values=fv)
     flags.DEFINE_integer("devices", None, "use the first N devices (default: all)", flag_values=fv)
+    flags.DEFINE_bool("ema", False, "load the EMA weights of the trained parameters (the checkpoint's params_ema/, "
+                      "written by a training stage with train.ema_decay > 0)", flag_values=fv)
     if decoder:
         flags.DEFINE_string("decoder", None, "decoder folder (diffusers diffusion-decoder/ or converted) overriding "
                             "the one found", flag_values=fv)
@@ -69,7 +71,7 @@ def define_checkpoint_flags(fv: flags.FlagValues, *, decoder: bool = False) -> N
 def checkpoint_kwargs(args: types.SimpleNamespace) -> dict:
     """``inference.Pipeline.from_checkpoint`` keywords from ``define_checkpoint_flags``'s flags (the mesh
     for ``args.devices`` is the caller's: this module does not import jax)."""
-    names = ("tokenizer", "dtype", "decoder", "negative", "dit_scheduler")
+    names = ("tokenizer", "dtype", "decoder", "negative", "dit_scheduler", "ema")
     return {name: getattr(args, name) for name in names if hasattr(args, name)}
 
 
@@ -118,6 +120,8 @@ def define_convert_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("dtype", None, DTYPES, "parameter dtype (default float32 from PyTorch, the stored one from "
                       "Orbax)", flag_values=fv)
     flags.DEFINE_integer("max-shard-bytes", 2 << 30, "safetensors shard size (--to torch)", flag_values=fv)
+    flags.DEFINE_bool("ema", False, "--to torch: export the EMA weights of the trained parameters (SRC's params_ema/, "
+                      "written by a training stage with train.ema_decay > 0) instead of params/", flag_values=fv)
     flags.DEFINE_integer("group-bytes", 256 << 20, "parameters written per Orbax partial save (host memory vs. "
                          "number of writes)", flag_values=fv)
 

@@ -612,13 +612,15 @@ def _key_names(keypath) -> Iterator[Any]:
 
 
 def orbax_to_torch(params_dir: str | os.PathLike, cfg: ml_collections.ConfigDict, dst: str | os.PathLike, *,
-                   max_shard_bytes: int = 2 << 30, dtype: Any | None = None, progress: bool = True) -> None:
+                   max_shard_bytes: int = 2 << 30, dtype: Any | None = None, progress: bool = True,
+                   overlay_dir: str | os.PathLike | None = None) -> None:
     """An Orbax parameter tree (``checkpoints.restore_params``' layout) of the model described by the
     project config ``cfg`` -> the released PyTorch layout in ``dst``, one tensor at a time: each torch
     tensor is read from its array (one layer slice of a stacked array) through TensorStore and appended
     to a safetensors shard whose header was planned from the shapes up front
     (weights.save_safetensors_streamed), so neither the model nor a shard is ever held in memory.
-    ``dtype``: cast every float tensor (default: as stored)."""
+    ``dtype``: cast every float tensor (default: as stored). ``overlay_dir``: a second tree of the same
+    paths (a stage's params_ema/, usually a subset) whose arrays replace those of ``params_dir``."""
     params_dir = os.path.abspath(os.fspath(params_dir))
     mcfg = model_lib.Blip3oConfig.from_config(cfg)
     released_mapping(mcfg.gen_head, mcfg.denoiser)  # raises for heads without a released layout
@@ -630,7 +632,15 @@ def orbax_to_torch(params_dir: str | os.PathLike, cfg: ml_collections.ConfigDict
 
     def store(path: str):
         if path not in stores:
-            stores[path] = _array_store(params_dir, [str(p) for p in paths[path]])
+            keys = [str(p) for p in paths[path]]
+            stores[path] = None
+            if overlay_dir is not None:
+                try:  # the overlay holds only some paths (the trained ones): the others come from params_dir
+                    stores[path] = _array_store(os.path.abspath(os.fspath(overlay_dir)), keys)
+                except FileNotFoundError:
+                    pass
+            if stores[path] is None:
+                stores[path] = _array_store(params_dir, keys)
         return stores[path]
 
     specs = []

@@ -11,6 +11,7 @@ Command line:
 
     python -m blip3o_jax.convert --src BLIP3o-Model-8B --dst blip3o_8b_orbax [--dtype bfloat16]
     python -m blip3o_jax.convert --src blip3o_8b_orbax --dst exported --to torch
+    python -m blip3o_jax.convert --src WORKDIR --dst exported_ema --to torch --ema   # a stage's EMA weights
 
 The torch -> Orbax direction writes a model checkpoint (``checkpoints.py``: ``DST/params`` +
 ``DST/config.json``), copies the tokenizer / processor files and converts ``SRC/diffusion-decoder/`` (if
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import os
 from typing import Any
+
+from absl import app
 
 from blip3o_jax import checkpoints, cli, conversion
 from blip3o_jax.conversion import load_torch, save_torch
@@ -50,21 +53,30 @@ def _to_model_checkpoint(src, dst, dtype, *, allow_pickle, group_bytes, progress
 
 
 def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: int = 2 << 30,
-                   dtype: Any | None = None, progress: bool = True) -> None:
+                   dtype: Any | None = None, progress: bool = True, ema: bool = False) -> None:
     """Model checkpoint -> the released PyTorch layout, one tensor at a time (a stacked layer array is
     read one layer slice at a time: conversion.orbax_to_torch), written beside ``dst`` and moved into
-    place when complete."""
+    place when complete. ``ema``: the trained parameters from ``SRC/params_ema/`` (a training stage's
+    EMA), the others from ``SRC/params/``."""
     src = checkpoints.model_dir(src)
     cfg = checkpoints.read_config(src)
+    overlay = None
+    if ema:
+        if not checkpoints.has_ema(src):
+            raise checkpoints.CheckpointError(f"--ema: {src} has no {checkpoints.PARAMS_EMA_DIR}/ (a training stage "
+                                              "writes one when train.ema_decay > 0)")
+        overlay = os.path.join(src, checkpoints.PARAMS_EMA_DIR)
     with conversion.staged_directory(dst, "config.json") as staging:
         conversion.orbax_to_torch(os.path.join(src, checkpoints.PARAMS_DIR), cfg, staging,
-                                  max_shard_bytes=max_shard_bytes, dtype=dtype, progress=progress)
+                                  max_shard_bytes=max_shard_bytes, dtype=dtype, progress=progress, overlay_dir=overlay)
 
 
 def main(argv=None) -> None:
     args = cli.parse(argv, cli.define_convert_flags, __doc__)
     if args.to == "torch":
-        orbax_to_torch(args.src, args.dst, max_shard_bytes=args.max_shard_bytes, dtype=args.dtype)
+        orbax_to_torch(args.src, args.dst, max_shard_bytes=args.max_shard_bytes, dtype=args.dtype, ema=args.ema)
+    elif args.ema:
+        raise app.UsageError("--ema applies to --to torch (a PyTorch directory has no EMA weights)")
     else:
         cfg, extras = _to_model_checkpoint(args.src, args.dst, args.dtype or "float32",
                                            allow_pickle=args.allow_pickle, group_bytes=args.group_bytes,

@@ -147,7 +147,8 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: str, *, tokenizer: str | None = None, decoder: str | None = None,
                         dtype: Any = None, mesh=None, negative: str | None = None, load_decoder_weights: bool = True,
-                        dit_scheduler: str | None = None, generation_config: bool = True, **kw) -> "Pipeline":
+                        dit_scheduler: str | None = None, generation_config: bool = True, ema: bool = False,
+                        **kw) -> "Pipeline":
         """A model checkpoint or PyTorch directory (checkpoints.py layouts). ``tokenizer`` / ``decoder``
         override the paths found in the checkpoint; ``negative`` and ``kw`` override the checkpoint's
         inference defaults (pipeline.json, preprocessor_config.json, generation_config.json unless
@@ -156,12 +157,13 @@ class Pipeline:
         a ``DTYPE_PRESETS`` name (``resolve_dtype``). ``dit_scheduler``: a FlowMatchEulerDiscreteScheduler
         config file or folder for the DiT sampler (default: the checkpoint root's
         scheduler/scheduler_config.json if present, else the model config's ``flow`` section);
-        ``pipe.flow_source`` says which was used."""
+        ``pipe.flow_source`` says which was used. ``ema``: the EMA weights of the trained parameters
+        (the checkpoint's params_ema/, written by a training stage with train.ema_decay > 0)."""
         path = checkpoints.model_dir(path)
         mesh = mesh or inference_mesh()
         model_dtype, decoder_dtype, round_latents = resolve_dtype(dtype)
         kw.setdefault("round_latents", round_latents)
-        model, cfg = checkpoints.load_model(path, model_dtype, mesh)
+        model, cfg = checkpoints.load_model(path, model_dtype, mesh, ema=ema)
         flow_source = _apply_dit_scheduler(model, cfg, dit_scheduler or checkpoints.dit_scheduler_file(path))
         defaults = checkpoints.pipeline_defaults(path)
         if generation_config:

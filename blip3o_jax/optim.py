@@ -51,3 +51,10 @@ def optimizer_shardings(tx, params, mesh):
     return optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
                                  jax.tree.map(lambda x: x.sharding, params),
                                  transform_non_params=lambda _: replicated)
+
+
+def ema_update(ema, params, decay: float):
+    """One step of the parameters' exponential moving average: ``decay * ema + (1 - decay) * params``,
+    in the EMA's dtype (float32, like the master weights). No bias correction: the average starts at the
+    initial parameters (train.ema_decay; training.py applies it only when a step's update is applied)."""
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype), ema, params)

@@ -67,11 +67,13 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     tokenizer = tokenizer if tokenizer is not None else pipeline.load_tokenizer(cfg, data_dir)
     kind = "understanding" if stage == "understanding" else "generation"
     batches = pipeline.make_iterator(cfg, tokenizer, kind, sources, data_dir=data_dir)
+    eval_batches = pipeline.make_eval_iterator(cfg, tokenizer, kind, sources, data_dir=data_dir) \
+        if cfg.train.eval_every else None
 
     # ---- Model: parameters born sharded, split into trainable and frozen for this stage ----------
     model = model_lib.build_model(cfg, mesh)
     if cfg.train.init_from:
-        checkpoints.restore_into(model, cfg.train.init_from)
+        checkpoints.restore_into(model, cfg.train.init_from, ema=cfg.train.init_from_ema)
     graphdef, trainable, frozen = nnx.split(model, model_lib.stage_trainable(cfg, stage), ...)
     del model
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
@@ -88,13 +90,14 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     precomputed = "target_features" in first_host  # no target-encoder pass to count in the MFU
     step_fn = training.jit_train_step(training.make_train_step(cfg, stage, graphdef, tx, image_grid),
                                       state_shardings, frozen_shardings, mesh)
+    validator = None if eval_batches is None else \
+        training.Validator(cfg, graphdef, state_shardings["params"], frozen_shardings, mesh, eval_batches)
 
     # ---- Resume ---------------------------------------------------------------------------------
     ckpt = checkpoints.RunCheckpointer(workdir, cfg.train.checkpoint_every, cfg.train.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, data_state = ckpt.restore(latest, abstract)
+        state, data_state = ckpt.restore(latest, training.abstract_state(cfg, state["params"], tx, mesh))
         batches.set_state(data_state)  # a global stream position: valid on every process
         first_host = None  # read before the restore; the restored position re-reads from the right place
         logging.info("resumed from step %d", latest)
@@ -104,6 +107,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     flops_per_step = model_lib.step_flops(cfg, stage, n_trainable, precomputed)
     writer = metrics.MetricsWriter(workdir, num_steps, initial_step=step)
     preemption = checkpoints.PreemptionWatcher()
+    profiler = training.Profiler(cfg, workdir)
     timer, last = metrics.StepTimer(), {}
     last_logged = step
     stop = num_steps if max_steps is None else min(num_steps, max_steps)
@@ -117,10 +121,13 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
             if grid != image_grid:
                 raise ValueError(f"image grid changed from {image_grid} to {grid} mid-run (fixed shapes under jit)")
             batch = sharding.shard_host_batch(host, mesh)
+            profiler.before_step(step + 1)
             state, out = step_fn(state, frozen, batch)
             step += 1
+            profiler.after_step(step, state)
             writer.advance()
-            if step % cfg.train.log_every == 0 or step == stop:
+            evaluate = validator is not None and validator.due(step)
+            if step % cfg.train.log_every == 0 or step == stop or evaluate:  # a validation row has the loss too
                 out = jax.device_get(out)
                 nonfinite = int(state["nonfinite"])
                 dt = timer.lap() / (step - last_logged)
@@ -129,6 +136,9 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
                 row.update(step_time=dt, images_per_s=cfg.data.global_batch_size / dt,
                            mfu=flops.mfu(flops_per_step, dt), nonfinite_in_a_row=nonfinite)
                 row.update(batches.counters.metrics())
+                if evaluate:
+                    row.update(validator(state, frozen))
+                    timer.lap()  # the validation's time is not step time
                 writer.write(step, row)
                 last = row
                 if nonfinite > cfg.train.max_nonfinite_steps:
@@ -143,14 +153,18 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
             if preempted:
                 logging.info("preemption: saved step %d, exiting", step)
                 break
+    profiler.stop(state)
     ckpt.close()
     if step == num_steps:  # a model checkpoint (trained + frozen parts) for the next stage or for inference
         params_dir = os.path.join(workdir, checkpoints.PARAMS_DIR)
-        checkpoints.save_params(params_dir, nnx.state(nnx.merge(graphdef, state["params"], frozen)), config_json)
+        checkpoints.save_params(params_dir, nnx.state(nnx.merge(graphdef, state["params"], frozen)), config_json,
+                                ema=state.get("ema"))  # params_ema/: the trained parameters' EMA
         if jax.process_index() == 0:
             tokenizer.save_pretrained(params_dir)  # so generate / understand --checkpoint WORKDIR need nothing else
     writer.close()
     batches.close()
+    if eval_batches is not None:
+        eval_batches.close()
     return last
 
 

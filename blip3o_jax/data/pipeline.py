@@ -31,6 +31,11 @@ read twice or not at all. Any old host's state can be given to any new host (Orb
 host without its own file may use process 0's). Batches per step stay ``global_batch_size``; only the
 per-host share changes.
 
+**The validation split** (``make_eval_iterator``): ``data.eval_paths`` (read once, in one pass), or
+``data.eval_holdout`` = the last N records of the (single) training source, which ``make_iterator``
+then leaves out (``holdout_split``), so training never sees them. Its global batches are a pure
+function of the files and ``data.seed`` too, so validation sees the same batches on any host count.
+
 ``DataIterator`` also owns the ``DataCounters`` (samples and skips per reason, for this host) that the
 trainer adds to its metrics; a data set in which a whole epoch's worth of consecutive records is bad
 raises ``DataError``. ``place_batch`` turns host batches into global arrays sharded over the batch axis.
@@ -291,6 +296,53 @@ def check_precomputed(config, sources: Sequence[tuple[Any, float]]) -> None:
                             "(precompute with precompute.with_condition=True)")
 
 
+class RecordRange:
+    """Records ``[start, stop)`` of a random-access source (``holdout_split``); picklable like it."""
+
+    def __init__(self, source, start: int, stop: int, problems: dict | None = None):
+        self.source, self.start, self.stop = source, start, stop
+        self.problems = dict(problems or {})
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.source[self.start + index]
+
+
+class Concatenation:
+    """Several random-access sources read one after the other (the files of ``data.eval_paths``)."""
+
+    def __init__(self, sources: Sequence[Any]):
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+        self.problems: collections.Counter[str] = collections.Counter()
+        for src in self.sources:
+            self.problems.update(getattr(src, "problems", {}))
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        i = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.sources[i][index - int(self.offsets[i])]
+
+
+def holdout_split(sources: Sequence[tuple[Any, float]], n: int) -> tuple[RecordRange, RecordRange]:
+    """(training records, the last ``n`` records) of a single source (``data.eval_holdout``)."""
+    if len(sources) != 1:
+        raise DataError(f"config.data.eval_holdout: the training data is a mixture of {len(sources)} sources, so "
+                        "'its last N records' names no one split; set data.eval_paths to the validation files")
+    src = sources[0][0]
+    if not 0 < n < len(src):
+        raise DataError(f"config.data.eval_holdout = {n} must be below the {len(src)} records of the training data")
+    return (RecordRange(src, 0, len(src) - n, getattr(src, "problems", {})), RecordRange(src, len(src) - n, len(src)))
+
+
 def make_iterator(config, tokenizer, kind: str, sources: Sequence[tuple[Any, float]] | None = None, *,
                   process_index: int | None = None, process_count: int | None = None, num_epochs: int | None = None,
                   data_dir: str | None = None, cache_dir: str | None = None, **transform_kwargs) -> DataIterator:
@@ -306,6 +358,8 @@ def make_iterator(config, tokenizer, kind: str, sources: Sequence[tuple[Any, flo
                          f"by the {process_count} processes")
     if sources is None:
         sources = config_sources(config, data_dir=data_dir, cache_dir=cache_dir or config.data.cache_dir or None)
+    if config.data.eval_holdout:  # the validation split is never trained on
+        sources = [(holdout_split(sources, config.data.eval_holdout)[0], 1.0)]
     if kind == "understanding":
         d = config.data
         defaults = dict(und_image_size=d.und_image_size, max_patches=d.max_patches or None, min_pixels=d.min_pixels,
@@ -315,6 +369,38 @@ def make_iterator(config, tokenizer, kind: str, sources: Sequence[tuple[Any, flo
                         batch_size=config.data.global_batch_size // process_count, seed=config.data.seed,
                         process_index=process_index, process_count=process_count,
                         num_workers=config.data.num_workers, num_epochs=num_epochs)
+
+
+def make_eval_iterator(config, tokenizer, kind: str = "generation", sources: Sequence[tuple[Any, float]] | None = None,
+                       *, process_index: int | None = None, process_count: int | None = None,
+                       data_dir: str | None = None, cache_dir: str | None = None) -> DataIterator | None:
+    """This host's rows of the validation split's global batches, one pass (None without a split):
+    ``data.eval_paths``, else the last ``data.eval_holdout`` records of ``sources`` (default: the
+    config's training sources). ``it.set_state(start)`` with ``start = it.get_state()`` taken before the
+    first read rewinds it for the next validation; the last partial global batch is not read."""
+    if process_index is None or process_count is None:
+        import jax  # deliberately lazy, as in make_iterator
+
+        process_index, process_count = jax.process_index(), jax.process_count()
+    cache_dir = cache_dir or config.data.cache_dir or None
+    if config.data.eval_paths:
+        components = sources_lib.open_sources(config.data.eval_paths, **({"cache_dir": cache_dir} if cache_dir else {}))
+        check_precomputed(config, components)
+        held_out = Concatenation([src for src, _ in components])
+    elif config.data.eval_holdout:
+        if sources is None:
+            sources = config_sources(config, data_dir=data_dir, cache_dir=cache_dir)
+        held_out = holdout_split(sources, config.data.eval_holdout)[1]
+    else:
+        return None
+    rows = config.data.global_batch_size // process_count
+    if len(held_out) < config.data.global_batch_size:
+        raise DataError(f"the validation split has {len(held_out)} records, fewer than one global batch "
+                        f"(data.global_batch_size {config.data.global_batch_size}): set data.eval_paths / "
+                        "data.eval_holdout to more")
+    return DataIterator([(held_out, 1.0)], make_transform(config, tokenizer, kind), batch_size=rows,
+                        seed=config.data.seed, process_index=process_index, process_count=process_count,
+                        num_workers=config.data.num_workers, num_epochs=1)
 
 
 def place_batch(batch: dict[str, np.ndarray], mesh, rules=None) -> dict:

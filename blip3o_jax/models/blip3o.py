@@ -159,6 +159,12 @@ class Blip3o(nnx.Module):
         ``batch["target_features"]`` (B, N, C) precomputed by ``blip3o_jax.precompute`` (the target
         encoder is then not run). ``batch["condition"]`` (B, n_query, H), stored by precompute, replaces
         the backbone pass (the queries then get no gradient)."""
+        x0, z = self.generation_inputs(batch)
+        return self.gen_head.loss(jax.lax.stop_gradient(x0), z, rng), {}
+
+    def generation_inputs(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(targets x0 (B, N, C) float32, condition z (B, n_query, H)) of a generation batch (see
+        generation_loss)."""
         if "condition" in batch:
             z = jnp.asarray(batch["condition"])  # stored in float32: holds bf16 states exactly
         else:
@@ -167,7 +173,14 @@ class Blip3o(nnx.Module):
             x0 = jnp.asarray(batch["target_features"], jnp.float32)  # target_features() returns float32 too
         else:
             x0 = self.target_features(batch["target_image"])
-        return self.gen_head.loss(jax.lax.stop_gradient(x0), z, rng), {}
+        return x0, z
+
+    def validation_losses(self, batch: dict, sigmas: jax.Array, rng: jax.Array) -> jax.Array:
+        """(T,) the generation head's loss at each noise level of ``sigmas`` (T,) with one noise draw
+        from ``rng`` and no condition dropout: deterministic, the validation loss (training.Validator)."""
+        x0, z = self.generation_inputs(batch)
+        noise = jax.random.normal(rng, x0.shape, jnp.float32)
+        return self.gen_head.validation_losses(x0, z, sigmas, noise)
 
     def understanding_loss(self, batch: dict, image_grid: tuple | None = None) -> tuple[jax.Array, dict]:
         """Next-token cross-entropy on the answer tokens (labels != -100), float32.
