@@ -240,6 +240,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0
     c.train.profile_steps = ""  # "START:END": a jax.profiler trace of steps START..END into WORKDIR/profile
     c.train.profile_all_hosts = False  # trace on every process (default: process 0 only)
+    # Samples during training (blip3o_jax/samples.py): every sample_every steps (0 = never) these prompts
+    # through the sampler -> STAGE_WORKDIR/samples/STEP.png + TensorBoard; decoded to pixels by the decoder
+    # folder sample_decoder, else shown as a PCA picture of the target features.
+    c.train.sample_every = 0
+    c.train.sample_prompts = ("a red circle on the left", "a blue square at the top",
+                              "a photo of a cat sitting on a sofa", "a city street at night in the rain")
+    c.train.sample_decoder = ""
+    c.train.sample_decoder_steps = 50  # the decoder's Euler steps (inference's default)
     c.train.max_nonfinite_steps = 10
     c.train.freeze_vision_tower = False  # understanding / joint: train the LLM only, keep the Qwen ViT fixed
     c.train.freeze_latent_queries = False  # generation / instruction / joint: keep the queries at their init
@@ -345,6 +353,19 @@ def _validate_training_features(cfg: ml_collections.ConfigDict) -> None:
     profile_steps(cfg)
 
 
+def _validate_samples(cfg: ml_collections.ConfigDict) -> None:
+    """train.sample_* (the decoder folder itself is checked when the trainer loads it)."""
+    t = cfg.train
+    _require(t.sample_every >= 0, "train.sample_every", f"must be >= 0 (0 = no samples), got {t.sample_every}")
+    _require(t.sample_decoder_steps > 0, "train.sample_decoder_steps", f"must be > 0, got {t.sample_decoder_steps}")
+    if t.sample_every:
+        _require(len(t.sample_prompts) > 0 and all(isinstance(p, str) and p.strip() for p in t.sample_prompts),
+                 "train.sample_prompts", f"must be a non-empty tuple of non-empty strings, got {t.sample_prompts!r}")
+        _require(t.stage in ("generation", "instruction", "joint", "pipeline"), "train.sample_every",
+                 f"samples show the generation head; stage {t.stage!r} trains none "
+                 "(allowed: generation, instruction, joint, pipeline)")
+
+
 def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
     """Raises ConfigError for the first bad key; returns cfg unchanged when it is valid."""
     _check_schema(cfg, base_config(), "")
@@ -443,6 +464,7 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     _require(cfg.precompute.batch_size >= 0, "precompute.batch_size",
              f"must be >= 0, got {cfg.precompute.batch_size}")
     _validate_training_features(cfg)
+    _validate_samples(cfg)
 
     if num_devices is not None:
         try:

@@ -46,6 +46,11 @@ class MetricsWriter:
         shown = {k: f"{row[k]:.4g}" for k in ("loss", "grad_norm", "lr") if k in row}
         self._bar.set_postfix(shown, refresh=False)
 
+    def image(self, tag: str, step: int, image: np.ndarray) -> None:
+        """An (H, W, 3) uint8 picture in TensorBoard's images tab (the trainer's samples)."""
+        if self.enabled:
+            self._tb.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)

@@ -19,7 +19,7 @@ import jax
 from absl import app, flags
 from flax import nnx
 
-from blip3o_jax import checkpoints, cli, configlib, distributed, flops, metrics, optim, sharding, training
+from blip3o_jax import checkpoints, cli, configlib, distributed, flops, metrics, optim, samples, sharding, training
 from blip3o_jax.data import pipeline
 from blip3o_jax.demo import stages as demo
 from blip3o_jax.models import blip3o as model_lib
@@ -107,6 +107,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     flops_per_step = model_lib.step_flops(cfg, stage, n_trainable, precomputed)
     writer = metrics.MetricsWriter(workdir, num_steps, initial_step=step)
     preemption = checkpoints.PreemptionWatcher()
+    sampler = samples.TrainingSamples(cfg, workdir, tokenizer, mesh)  # train.sample_every
     profiler = training.Profiler(cfg, workdir)
     timer, last = metrics.StepTimer(), {}
     last_logged = step
@@ -145,6 +146,10 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
                     ckpt.close()  # the last good checkpoint stays; nothing non-finite is saved
                     raise FloatingPointError(f"{nonfinite} non-finite steps in a row at step {step}; "
                                              f"last good checkpoint: {ckpt.latest_step()}")
+            if sampler.due(step):  # samples/STEP.png + TensorBoard, from the EMA weights when the run keeps them
+                sampler.write(step, nnx.merge(graphdef, state.get("ema", state["params"]), frozen), writer)
+                timer.lap()  # sampling is not step time: the next logged step_time counts from here
+                last_logged = step
             data_state = batches.get_state()
             preempted = preemption.requested() or ckpt.reached_preemption(step)
             if ckpt.should_save(step) or preempted or step == num_steps:
