@@ -24,7 +24,7 @@ from typing import Any
 import ml_collections
 
 from blip3o_jax.decoder.unet import UNetConfig
-from blip3o_jax.models import flow, heads
+from blip3o_jax.models import attention, flow, heads
 from blip3o_jax.models.eva_clip import EvaConfig
 from blip3o_jax.models.qwen2_5_vl import QwenTextConfig
 from blip3o_jax.models.qwen_vision import QwenVisionConfig
@@ -52,6 +52,10 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    # Attention backend (models/attention.py); a component's own key ("" = follow model.attention) overrides it.
+    "model.attention": attention.IMPLEMENTATIONS,
+    **{f"model.{name}.attention": ("", *attention.IMPLEMENTATIONS) for name, cls in COMPONENT_CONFIGS.items()
+       if "attention" in {f.name for f in dataclasses.fields(cls)}},
     "model.frozen_param_dtype": ("compute", "float32", "bfloat16", "float16"),
     "sharding.llm": ("replicated", "fsdp", "tensor"),
     "sharding.vision": ("replicated", "fsdp", "tensor"),
@@ -78,6 +82,8 @@ def component(cfg: ml_collections.ConfigDict, name: str):
     for f in dataclasses.fields(cls):
         if isinstance(f.default, tuple):
             values[f.name] = tuple(values[f.name])
+    if values.get("attention") == "":  # the component follows model.attention
+        values["attention"] = cfg.model.attention
     return cls(**values)
 
 
@@ -153,6 +159,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.param_dtype = "float32"  # master weights
     c.model.remat = "full"
+    # Attention backend of every component (models/attention.py; README "Attention backends"): auto =
+    # splash on TPU, cuDNN on GPU, each for the calls it takes and long enough; xla otherwise (CPU: xla).
+    c.model.attention = "auto"
     # Storage dtype of the frozen parameters in the generation stages ("compute" = model.dtype; see
     # models/blip3o.py frozen_param_dtype): bfloat16 halves the frozen backbone + target encoder.
     c.model.frozen_param_dtype = "compute"

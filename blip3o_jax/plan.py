@@ -9,8 +9,9 @@ parameter shapes, the config's logical-axis rule tables (``config.sharding``) an
 
 Per device, for the stage's trainable/frozen split (``model.trainable_filter``):
 
-* parameters: every parameter in ``model.param_dtype``, divided over the mesh axes its PartitionSpec
-  names (a dimension that does not divide is padded, as GSPMD does);
+* parameters: trainable ones in ``model.param_dtype``, frozen ones in the stage's frozen dtype
+  (``model.frozen_param_dtype``: the compute dtype in the generation stages), divided over the mesh
+  axes their PartitionSpec names (a dimension that does not divide is padded, as GSPMD does);
 * gradients: trainable parameters only, float32 (frozen parts have none); one more float32 copy when
   ``train.grad_accum`` > 1 (the accumulator);
 * optimizer state: AdamW's m and v in float32 for trainable parameters only, sharded like them;
@@ -46,6 +47,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import sys
 from typing import Any
 
@@ -194,6 +196,7 @@ def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=No
         module, specs = abstract_parameters(cfg)
     trainable = set(_paths(nnx.state(module, model_lib.stage_trainable(cfg, stage))))
     param_size = np.dtype(dtype_of(cfg.model.param_dtype)).itemsize
+    frozen_size = np.dtype(dtype_of(model_lib.frozen_param_dtype(cfg, stage))).itemsize  # model.frozen_param_dtype
     counts: dict[str, list[int]] = {}
     layer: dict[str, float] = {}  # elements of one scanned block per component, as gathered for its matmuls
     params = grads = 0
@@ -205,7 +208,7 @@ def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=No
         c[0] += n
         spec = spec_of[path]
         shard = _shard_elements(var.shape, spec, mesh)
-        params += shard * param_size
+        params += shard * (param_size if path in trainable else frozen_size)
         if path in trainable:
             c[1] += n
             grads += shard * 4
@@ -231,12 +234,21 @@ def jax_axes(spec) -> set[str]:
 # Activations
 
 
+def attention_scores(heads: float, kv_len: int) -> float:
+    """float32 elements per query token that one attention layer keeps for its backward pass: the
+    softmax probabilities over ``kv_len`` keys for each of the (per-device) ``heads``, as XLA's
+    dot-product attention materialises them (models/attention.py). The one place an attention backend
+    that never materialises the scores changes the activation estimate."""
+    return heads * kv_len
+
+
 def _block(policy: str, width: int, kv_width: int, ffn: int, heads: int, kv_len: int, tensor: int) -> tuple:
     """(elements in the compute dtype, float32 elements) saved per token inside one block by ``policy``."""
     ffn, heads = ffn / tensor, heads / tensor
+    scores = attention_scores(heads, kv_len)
     table = {
-        "none": (4 * width + 2 * kv_width + 3 * ffn, heads * kv_len),
-        "dots": (4 * width + 2 * kv_width + 2 * ffn, heads * kv_len),
+        "none": (4 * width + 2 * kv_width + 3 * ffn, scores),
+        "dots": (4 * width + 2 * kv_width + 2 * ffn, scores),
         "dots_no_batch": (3 * width + 2 * kv_width + 2 * ffn, 0.0),
         "full": (0.0, 0.0),
     }
@@ -285,6 +297,14 @@ def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) 
     if stage in ("understanding", "joint"):
         if stage == "understanding":
             add(_stack(*llm_args, **kw))
+            if m.get("vision") is not None:
+                # The Qwen ViT runs the micro-batch's patches as one sequence (images and windows told apart
+                # by segment ids: model_lib.vision_flops), sharded over the batch axes: each device's
+                # patches attend to the whole micro-batch's.
+                v, patches = m.vision, model_lib.understanding_grid(cfg)[1]
+                kv_len = int(cfg.data.global_batch_size / cfg.train.grad_accum * patches)
+                add(_stack(v.depth, micro_batch * patches, v.hidden_size, 2 * v.hidden_size, v.intermediate_size,
+                           v.num_heads, kv_len, trained=not cfg.train.freeze_vision_tower, **kw))
         kept.append(2 * micro_batch * seq * llm.vocab_size / t * 4)  # float32 logits + log-probabilities
     return float(sum(kept) + max(working, default=0.0))
 
@@ -350,6 +370,10 @@ def tpu_topology(slice_name: str):
     if slice_name.lower() not in TOPOLOGIES:
         return None, f"{slice_name!r} is not a TPU slice in TOPOLOGIES"
     name, chip_config = TOPOLOGIES[slice_name.lower()]
+    # libtpu locks /tmp/libtpu_lockfile for the lifetime of the first process that loads it (any jax
+    # process on a machine with libtpu installed); a topology description opens no chips, so this
+    # process may share it (otherwise: "Internal error when accessing libtpu multi-process lockfile").
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         return topologies.get_topology_desc(topology_name=name, platform="tpu", chip_config_name=chip_config,
                                             chips_per_host_bounds=(2, 2, 1), num_slices=1), ""
@@ -357,47 +381,71 @@ def tpu_topology(slice_name: str):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
 
 
-def compile_train_step(cfg, stage: str, mesh) -> dict:
-    """AOT-compiles the trainer's own step (training.make_train_step: gradient accumulation, AdamW,
-    the non-finite guard; state donated) with abstract, sharded inputs on ``mesh``; returns XLA's
-    memory analysis in bytes per device."""
+def lower_train_step(cfg, stage: str, mesh):
+    """The trainer's own step (training.make_train_step: gradient accumulation, AdamW, the non-finite
+    guard; state donated; frozen parameters in ``frozen_param_dtype``) lowered with abstract, sharded
+    inputs on ``mesh``: nothing is allocated."""
     graphdef, abstract = model_lib.abstract_model(cfg, mesh)
     module = nnx.merge(graphdef, abstract)
     graphdef, trainable, frozen = nnx.split(module, model_lib.stage_trainable(cfg, stage), ...)
-    tx = optim.make_optimizer(cfg.train)
     to_sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    trainable, frozen = jax.tree.map(to_sds, trainable), jax.tree.map(to_sds, frozen)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    scalar = lambda dtype, shape=(): jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-    state = {
-        "params": trainable,
-        "opt_state": jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  jax.eval_shape(tx.init, trainable), optim.optimizer_shardings(tx, trainable, mesh)),
-        "step": scalar(jnp.int32),
-        "rng": scalar(jnp.uint32, jax.random.key_data(jax.random.key(0)).shape),
-        "nonfinite": scalar(jnp.int32),
-    }
-    batch = abstract_batch(cfg, stage, mesh)
-    step = training.jit_train_step(training.make_train_step(cfg, stage, graphdef, tx),
+    frozen = model_lib.cast_frozen(cfg, stage, jax.tree.map(to_sds, frozen))
+    tx = optim.make_optimizer(cfg.train)
+    state = training.abstract_state(cfg, trainable, tx, mesh)
+    batch, image_grid = abstract_batch(cfg, stage, mesh)
+    step = training.jit_train_step(training.make_train_step(cfg, stage, graphdef, tx, image_grid),
                                    jax.tree.map(lambda x: x.sharding, state),
                                    jax.tree.map(lambda x: x.sharding, frozen), mesh)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, frozen, batch).compile()
+        return step.lower(state, frozen, batch)
+
+
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes")
+
+
+def compile_train_step(cfg, stage: str, mesh) -> dict:
+    """AOT-compiles the train step (lower_train_step) and returns XLA's memory analysis in bytes per
+    device, its ``peak_bytes`` (arguments + temporaries + outputs not aliased to a donated argument:
+    what the program holds at once, the figure the planner's total predicts) and the compiled FLOPs per
+    device (``cost_analysis``; a scanned layer stack is counted once, see tests/test_plan_tpu.py)."""
+    compiled = lower_train_step(cfg, stage, mesh).compile()
     ma = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")
-    return {f: int(getattr(ma, f)) for f in fields if ma is not None and hasattr(ma, f)}
+    out = {f: int(getattr(ma, f)) for f in MEMORY_FIELDS if ma is not None and hasattr(ma, f)}
+    if {"argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"} <= set(out):
+        out["peak_bytes"] = (out["argument_size_in_bytes"] + out["temp_size_in_bytes"] + out["output_size_in_bytes"]
+                             - out["alias_size_in_bytes"])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list of one dict on older jax
+    if cost and "flops" in cost:
+        out["flops"] = float(cost["flops"])
+    return out
 
 
-def abstract_batch(cfg, stage: str, mesh) -> dict:
-    """ShapeDtypeStructs of a generation batch (the fields data/samples.GenerationTransform produces)."""
-    if stage not in ("generation", "instruction"):
-        raise NotImplementedError("AOT compilation is implemented for the generation stages")
+def abstract_batch(cfg, stage: str, mesh) -> tuple[dict, tuple | None]:
+    """(ShapeDtypeStructs of a global batch as the trainer places it, the static image grid or None).
+
+    Generation (and joint, whose trainer reads generation samples; their labels feed the LM loss): the
+    fields of data/samples.GenerationTransform. Understanding: multimodal sequences of data.max_length
+    tokens with the image's pad tokens among them, ``pixel_values`` (B, patches, C * T * p * p) in the
+    processor's layout and the M-RoPE ``position_ids`` (B, 3, L) that prepare_batch adds."""
     b, length, size = cfg.data.global_batch_size, cfg.data.max_length, cfg.data.image_size
-    shapes = {"input_ids": ((b, length), jnp.int32), "attention_mask": ((b, length), jnp.int32),
-              "query_start": ((b,), jnp.int32), "target_image": ((b, size, size, 3), jnp.float32)}
-    return {k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s))) for k, (s, dt) in
-            shapes.items()}
+    shapes: dict[str, tuple] = {"input_ids": ((b, length), jnp.int32), "attention_mask": ((b, length), jnp.int32),
+                                "labels": ((b, length), jnp.int32)}
+    grid = None
+    if stage in ("generation", "instruction", "joint"):
+        shapes.update(query_start=((b,), jnp.int32), target_image=((b, size, size, 3), jnp.float32))
+    if stage == "understanding":
+        vision = cfg.model.vision
+        grid, patches = model_lib.understanding_grid(cfg)
+        if patches // vision.spatial_merge_size**2 >= length:
+            raise ValueError(f"data.max_length {length} leaves no text beside the image's "
+                             f"{patches // vision.spatial_merge_size**2} tokens (data.und_image_size)")
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        shapes.update(pixel_values=((b, patches, width), jnp.float32), position_ids=((b, 3, length), jnp.int32))
+    batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
+             for k, (s, dt) in shapes.items()}
+    return batch, grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,8 +478,25 @@ def format_plan(p: Plan) -> str:
         f"FLOPs/step {p.flops_per_step:.3e}; at MFU {p.mfu:g}: {p.step_seconds:.3f} s/step",
     ]
     if p.aot is not None:
-        lines.append("XLA AOT memory analysis: " + json.dumps(p.aot))
+        lines += format_aot(p)
     return "\n".join(lines)
+
+
+def format_aot(p: Plan) -> list[str]:
+    """XLA's figures beside the planner's (per device)."""
+    a = p.aot
+    lines = [f"XLA ({a.get('target', 'AOT')}), per device: arguments {_size(a['argument_size_in_bytes'])}  "
+             f"temporaries {_size(a['temp_size_in_bytes'])}  outputs not aliased to a donated argument "
+             f"{_size(a['output_size_in_bytes'] - a['alias_size_in_bytes'])}"]
+    if "peak_bytes" in a:
+        diff = (p.bytes_total - a["peak_bytes"]) / a["peak_bytes"]
+        lines.append(f"  XLA peak {_size(a['peak_bytes'])} vs planner total {_size(p.bytes_total)}: planner {diff:+.1%}"
+                     f"; XLA peak {'fits' if a['peak_bytes'] <= USABLE_FRACTION * p.hbm_bytes else 'DOES NOT FIT'}"
+                     f" in {USABLE_FRACTION:.0%} of HBM")
+    if "flops" in a:
+        lines.append(f"  compiled FLOPs per device {a['flops']:.3e} (cost_analysis counts a scanned layer stack's "
+                     "body once and includes remat's recomputation: not comparable with FLOPs/step above)")
+    return lines
 
 
 def table(cfg, slices: list[str], config_name: str, **kwargs) -> str:
@@ -470,27 +535,40 @@ def main(argv: list[str]) -> None:
             raise SystemExit(f"nothing fits on {f.device}")
     else:
         plan = make_plan(cfg, parse_mesh(f.mesh), f.device, config_name=name, **kw)
-    plan.aot = _aot(cfg, plan, f.device, f.aot)
+    plan.aot = _aot(cfg, plan, f.device) if f.aot else None
     print(json.dumps(plan.to_dict(), indent=1) if f.json else format_plan(plan))
 
 
-def _aot(cfg, plan: Plan, device: str, local: bool) -> dict | None:
-    if local:
-        if plan.num_devices > jax.device_count():
-            print(f"AOT compile skipped: mesh needs {plan.num_devices} devices, {jax.device_count()} available "
-                  "(on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)", file=sys.stderr)
-            return None
-        devices, what = jax.devices()[:plan.num_devices], "local"
-    else:
-        topo, reason = tpu_topology(device)
+LIBTPU_HINT = "pip install libtpu==0.0.42.1 (the version jax[tpu]==0.10.2 pins; requirements-dev.txt)"
+
+
+def aot_devices(device: str, num_devices: int) -> tuple[list | None, str]:
+    """(devices to compile for, what they are) or (None, why not): the TPU slice ``device`` names (or,
+    for a TPU kind such as 'v5p', the listed slice with ``num_devices`` devices) described without
+    chips by libtpu; for any other device, the local devices when the mesh fits them."""
+    key = device.lower()
+    if key not in TOPOLOGIES:
+        key = next((s for s, (kind, n) in SLICES.items() if kind == key and n == num_devices and s in TOPOLOGIES), key)
+    if key in TOPOLOGIES:
+        topo, reason = tpu_topology(key)
         if topo is None:
-            print(f"TPU AOT compile skipped ({reason})", file=sys.stderr)
-            return None
-        devices, what = topo.devices, "TPU"
+            return None, f"libtpu cannot describe {key} ({reason}); for XLA's figures: {LIBTPU_HINT}"
+        if len(topo.devices) != num_devices:
+            return None, f"the mesh has {num_devices} devices, {key} has {len(topo.devices)}"
+        return list(topo.devices), f"TPU {key}"
+    if num_devices > jax.device_count():
+        return None, (f"{device!r} is not a TPU slice of TOPOLOGIES and the mesh needs {num_devices} local devices, "
+                      f"{jax.device_count()} available (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    return jax.devices()[:num_devices], f"local {jax.devices()[0].platform}"
+
+
+def _aot(cfg, plan: Plan, device: str) -> dict | None:
+    devices, what = aot_devices(device, plan.num_devices)
+    if devices is None:
+        print(f"AOT compile skipped: {what}", file=sys.stderr)
+        return None
     try:
-        return compile_train_step(cfg, plan.stage, sharding.make_mesh(plan.mesh, devices))
-    except NotImplementedError as e:
-        print(f"{what} AOT compile skipped ({e})", file=sys.stderr)
+        return {"target": what, **compile_train_step(cfg, plan.stage, sharding.make_mesh(plan.mesh, devices))}
     except Exception as e:  # noqa: BLE001  (XLA reports an out-of-memory program as a compile error)
         print(f"{what} AOT compile failed: {type(e).__name__}: {str(e)[:2000]}", file=sys.stderr)
     return None
@@ -503,7 +581,9 @@ def _define_flags():
     flags.DEFINE_string("stage", "", "Training stage (default: config.train.stage).")
     flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the predicted step time.")
     flags.DEFINE_string("slices", "", "Comma-separated slices: print a markdown table of recommended meshes.")
-    flags.DEFINE_bool("aot", False, "Also AOT-compile the train step on local devices (when the mesh fits).")
+    flags.DEFINE_bool("aot", True, "AOT-compile the train step and print XLA's memory figures beside the plan: for "
+                      "a TPU slice via libtpu's topology description (no chips needed), otherwise on local devices "
+                      "when the mesh fits them. --noaot (or --no-aot) skips the compile.")
     flags.DEFINE_bool("json", False, "Print the plan as JSON.")
     flags.mark_flags_as_required(["config"])
 
@@ -511,6 +591,7 @@ def _define_flags():
 def run() -> None:
     """``python -m blip3o_jax.plan`` and the ``blip3o-plan`` console script."""
     _define_flags()
+    sys.argv = ["--noaot" if arg == "--no-aot" else arg for arg in sys.argv]  # absl spells negation --noaot
     cli.run(main)
 
 

@@ -75,6 +75,7 @@ def train(cfg, workdir: str, *, tokenizer=None, sources=None, max_steps: int | N
     if cfg.train.init_from:
         checkpoints.restore_into(model, cfg.train.init_from, ema=cfg.train.init_from_ema)
     graphdef, trainable, frozen = nnx.split(model, model_lib.stage_trainable(cfg, stage), ...)
+    frozen = model_lib.cast_frozen(cfg, stage, frozen)  # model.frozen_param_dtype (bf16 towers in generation)
     del model
     n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
     logging.info("trainable parameters: %s; frozen: %s", f"{n_trainable:,}",

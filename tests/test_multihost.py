@@ -5,7 +5,9 @@ Checked: each host reads its own rows of every global batch (no sample twice wit
 global batches equal those of a one-process run), Orbax multi-process checkpoints, SIGKILL of both
 processes after a checkpoint, resume with the same command, and the logged losses equal those of the
 same run on 1 process x 4 devices to float32 rounding (rtol 1e-5; measured: the final loss is
-identical, the largest difference over the 6 logged steps 1.6e-7 relative).
+identical, the largest difference over the 6 logged steps 1.6e-7 relative). The run validates every 3
+steps on its own held-out files (train.eval_every, data.eval_paths): the validation losses of steps 3 and
+6, step 3's computed again after the resume, equal the one-process run's to rtol 1e-5 as well.
 
 Marked ``slow`` (130-150 s on 2 cores): both phases compile the trainer's programs in both processes,
 without the persistent compilation cache (see ``launch``). CI runs it (``make test`` selects
@@ -34,8 +36,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS, GLOBAL_BATCH, NUM_SAMPLES = 6, 8, 48  # exactly one epoch
 BLOCK_AT_READ = 4  # phase 1 stops inside the 4th batch read: steps 1-3 done, checkpoint 2 written
 
-# Runs the trainer CLI with the DataIterator wrapped: every host batch's sample keys and stream position
-# go to $KEYLOG; with $BLOCK_AT_READ the process parks in that read until it is killed.
+# Runs the trainer CLI with the training DataIterator wrapped (the validation split's one-pass iterator
+# is left alone): every host batch's sample keys and stream position go to $KEYLOG; with $BLOCK_AT_READ
+# the process parks in that read until it is killed.
 RUNNER = r'''
 import json, os, threading
 from blip3o_jax.data import pipeline
@@ -43,6 +46,8 @@ from blip3o_jax.data import pipeline
 _next, _reads = pipeline.DataIterator.__next__, [0]
 
 def logged_next(self):
+    if self.num_epochs is not None:  # the validation split
+        return _next(self)
     _reads[0] += 1
     if _reads[0] == int(os.environ.get("BLOCK_AT_READ", 0)):
         open(os.environ["KEYLOG"] + f".blocked{self.process_index}", "w").close()
@@ -66,12 +71,15 @@ app.run(train.main)
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     shards = synthetic.write_synthetic_shards(str(root / "shards"), num_samples=NUM_SAMPLES, samples_per_shard=24)
+    held_out = synthetic.write_synthetic_shards(str(root / "eval"), num_samples=2 * GLOBAL_BATCH, seed=1,
+                                                samples_per_shard=GLOBAL_BATCH)
     synthetic.train_demo_tokenizer(str(root / "tokenizer"))
     (root / "runner.py").write_text(RUNNER)
     overrides = {"train.stage": "generation", "train.num_steps": NUM_STEPS, "train.log_every": 1,
                  "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "data.global_batch_size": GLOBAL_BATCH,
                  "data.paths": ",".join(shards), "data.tokenizer": str(root / "tokenizer"),
-                 "data.source": "webdataset", "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}
+                 "data.source": "webdataset", "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1,
+                 "train.eval_every": 3, "data.eval_paths": ",".join(held_out)}
     return {"root": root, "shards": shards, "overrides": overrides}
 
 
@@ -206,3 +214,9 @@ def test_two_processes_kill_resume_match_one_process(setup, tmp_path):
     ref = metric_rows(reference)
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in ref], rtol=1e-5, err_msg=key)
+    # The validation loss (steps 3 and 6; step 3 again after the resume) too.
+    val_keys = [k for k in ref[-1] if k.startswith("val/")]
+    assert len(val_keys) == 8 and [r["step"] for r in rows if "val/loss" in r] == [3, 6]
+    for key in val_keys:
+        np.testing.assert_allclose([r[key] for r in rows if key in r], [r[key] for r in ref if key in r], rtol=1e-5,
+                                   err_msg=key)

@@ -26,7 +26,7 @@ from blip3o_jax import train as train_lib
 from blip3o_jax.data import pipeline, synthetic
 from blip3o_jax.models import blip3o as model_lib
 from tests.references.configs import demo_config
-from tests.test_train import ROOT, flat, latest_checkpoint, metric_rows, wait_for
+from tests.references.trainer_cli import ROOT, flat, latest_checkpoint, metric_rows, wait_for
 
 NUM_STEPS, HOLDOUT, GLOBAL_BATCH = 4, 16, 8
 BLOCK_AT_READ = 4  # the CLI run parks in its 4th training batch read (steps 1-3 done) until SIGKILL

@@ -24,7 +24,7 @@ from blip3o_jax.decoder.pixel_decoder import Decoder
 from blip3o_jax.decoder.unet import UNet2DConditionModel
 from blip3o_jax.inference import Pipeline
 from tests.references.configs import demo_config
-from tests.test_train import cli
+from tests.references.trainer_cli import cli
 
 PROMPTS = ("a red circle on the left", "a green triangle at the bottom", "a blue square at the top")
 # Two sampling points of a short generation stage; a high learning rate so 2 steps visibly change the head.

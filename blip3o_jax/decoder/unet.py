@@ -185,7 +185,9 @@ class Attention(nnx.Module):
         q = self.to_q(x).reshape(b, n, self.heads, hd)
         k = self.to_k(context).reshape(b, context.shape[1], self.heads, hd)
         v = self.to_v(context).reshape(b, context.shape[1], self.heads, hd)
-        return self.to_out(dot_product_attention(q, k, v).reshape(b, n, d))
+        # Backend "auto" (xla on CPU; on TPU splash for the 64x64 / 32x32 UNet levels and the VAE's 128x128 mid
+        # block): UNetConfig keeps diffusers' field names only (tests hand it to diffusers), so no attention key.
+        return self.to_out(dot_product_attention(q, k, v, implementation="auto").reshape(b, n, d))
 
 
 class Downsample2D(nnx.Module):

@@ -286,14 +286,23 @@ def write_checkpoint(cfg, workdir: str, model_run: str, decoder_dir: str, tokeni
                                         min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels)
 
 
-def _use_compilation_cache(workdir: str) -> None:
-    """Every stage rebuilds the same model (random init + restore) and the report recompiles the
-    samplers: on a 2-core CPU each costs tens of seconds of XLA compilation, so the demo keeps a
-    persistent compilation cache in WORKDIR/jax_cache (unless JAX_COMPILATION_CACHE_DIR names one)."""
+def compilation_cache_dir() -> str:
+    """The demo's persistent XLA compilation cache, shared by every workdir (and by the test suite's
+    smoke demo): ``$JAX_COMPILATION_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/blip3o_jax/jax``
+    (``~/.cache/blip3o_jax/jax``). Entries are keyed by the program and the XLA flags, so a cache shared
+    across configs and machines only ever returns the program that was asked for."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "blip3o_jax", "jax")
 
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+def _use_compilation_cache() -> None:
+    """Every stage rebuilds the same model (random init + restore) and the report compiles the
+    samplers: on a 2-core CPU each costs tens of seconds of XLA compilation, which a second demo run
+    (another workdir, or the smoke demo of the tests) then reads back instead."""
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def run(cfg, workdir: str, train_stage) -> dict | None:
@@ -302,7 +311,7 @@ def run(cfg, workdir: str, train_stage) -> dict | None:
 
     start = time.time()
     d = cfg.demo
-    _use_compilation_cache(workdir)
+    _use_compilation_cache()
     data_dir = os.path.join(workdir, "data")
     tokenizer = pipeline.load_tokenizer(cfg, data_dir)  # writes the synthetic shards on first use
     logging.info("demo: data ready in %s", data_dir)

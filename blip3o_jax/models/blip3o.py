@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from blip3o_jax import configlib, flops, sharding
+from blip3o_jax.data.qwen_image_processor import smart_resize
 from blip3o_jax.models import heads as heads_lib
 from blip3o_jax.models import layers as bnn
 from blip3o_jax.models.eva_clip import EvaVisionTransformer
@@ -313,6 +314,40 @@ def stage_trainable(cfg, stage: str):
     return trainable_filter(stage, cfg.train.freeze_vision_tower, cfg.train.freeze_latent_queries)
 
 
+# Stages whose frozen parameters are stored in model.frozen_param_dtype: their frozen parts (the backbone
+# with its ViT, the target encoder) only run forward, and no later stage of the recipe trains them from
+# the finished stage's checkpoint (an understanding stage's frozen part is the trained generation head).
+FROZEN_DTYPE_STAGES = ("generation", "instruction")
+
+
+def frozen_param_dtype(cfg, stage: str) -> str:
+    """The dtype ``stage`` stores its frozen parameters in: in the generation stages
+    ``model.frozen_param_dtype`` ('compute' = ``model.dtype``), elsewhere ``model.param_dtype``.
+
+    A frozen weight never receives an update, so a float32 master copy buys nothing: every matmul casts
+    it to the compute dtype anyway (only norm scales and biases, applied in float32, see the rounding).
+    The finished stage's ``params/`` stores them in this dtype too: the weights the stage trained with."""
+    m = cfg.model
+    if stage not in FROZEN_DTYPE_STAGES:
+        return m.param_dtype
+    return m.dtype if m.frozen_param_dtype == "compute" else m.frozen_param_dtype
+
+
+def cast_frozen(cfg, stage: str, frozen):
+    """``frozen`` (an nnx.State of arrays or of ShapeDtypeStructs) with its floating leaves in
+    ``frozen_param_dtype(cfg, stage)``; shardings kept. Integer leaves (none today) are left alone."""
+    dtype = jnp.dtype(bnn.dtype_of(frozen_param_dtype(cfg, stage)))
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return jax.jit(lambda a: a.astype(dtype), out_shardings=x.sharding)(x)
+
+    return jax.tree.map(cast, frozen)
+
+
 def stage_loss(model: Blip3o, stage: str, batch: dict, rng: jax.Array, image_grid=None) -> tuple[jax.Array, dict]:
     if stage in ("generation", "instruction"):
         return model.generation_loss(batch, rng)
@@ -378,25 +413,30 @@ def param_count(tree) -> int:
 
 def step_flops(cfg, stage: str, n_trainable: int, precomputed: bool = False) -> float:
     """Analytic FLOPs of one optimizer step (flops.py conventions: weight matmuls plus attention's score
-    and value matmuls). ``precomputed``: the batches carry precomputed target features
-    (``blip3o_jax.precompute``), so no target-encoder forward pass runs. The generation head counts
-    itself (heads.forward_flops)."""
+    and value matmuls; embedding lookups are free). ``precomputed``: the batches carry precomputed target
+    features (``blip3o_jax.precompute``), so no target-encoder forward pass runs. The generation head
+    counts itself (heads.forward_flops). Counted: the LLM's decoder layers over every token, the LM head
+    on the understanding loss's positions, the Qwen ViT (patch embedding, blocks, merger) on the
+    understanding images, the target encoder, the head. tests/test_plan_tpu.py checks the total against
+    XLA's compiled FLOPs."""
+    del n_trainable  # the counts come from the abstract model
     _, abstract = abstract_model(cfg, sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
     m = cfg.model
     b, length = cfg.data.global_batch_size, cfg.data.max_length
-    llm_params = param_count(abstract["backbone"]["model"])
-    head_params = param_count(abstract["gen_head"])
+    text = abstract["backbone"]["model"]
+    decoder_params = param_count(text["layers"])
     mode_factor = {"forward": 1, "backprop": 2, "train": 3}
 
     def llm(mode: str) -> float:
-        return (flops.dense_flops(llm_params, b * length, mode)
+        return (flops.dense_flops(decoder_params, b * length, mode)
                 + flops.attention_flops(m.llm.num_hidden_layers, length, m.llm.hidden_size, b, mode))
 
     total = 0.0
     if stage in ("generation", "instruction", "joint"):
         # Gradients flow back through the LLM to trainable queries; frozen ones need its forward pass only.
         total += llm("train" if stage == "joint" else "forward" if cfg.train.freeze_latent_queries else "backprop")
-        head = heads_lib.forward_flops(m.gen_head, m.denoiser, configlib.head_config(cfg), m.n_query, head_params)
+        head = heads_lib.forward_flops(m.gen_head, m.denoiser, configlib.head_config(cfg), m.n_query,
+                                       param_count(abstract["gen_head"]))
         total += mode_factor["train"] * b * head
         if "target_encoder" in abstract and not precomputed:
             if m.target_encoder == "eva_clip":
@@ -406,5 +446,35 @@ def step_flops(cfg, stage: str, n_trainable: int, precomputed: bool = False) -> 
             total += (flops.dense_flops(param_count(abstract["target_encoder"]), b * tokens, "forward")
                       + flops.attention_flops(layers, tokens, width, b, "forward"))
     if stage in ("understanding", "joint"):
-        total += llm("train")
+        if stage == "understanding":
+            total += llm("train")
+        # The LM head (tied: the embedding matrix) on the L - 1 positions that predict a next token.
+        total += flops.dense_flops(m.llm.hidden_size * m.llm.vocab_size, b * (length - 1), "train")
+    if stage == "understanding" and m.get("vision") is not None and "visual" in abstract["backbone"]:
+        total += vision_flops(cfg, abstract["backbone"]["visual"], b,
+                              "forward" if cfg.train.freeze_vision_tower else "train")
     return total
+
+
+def vision_flops(cfg, visual, batch: int, mode: str) -> float:
+    """The Qwen ViT on ``batch`` understanding images of the run's one grid: patch embedding and blocks
+    over every patch, the merger over each spatial_merge_size**2 group. Its attention runs over the
+    patches of the whole batch at once (one sequence; windows and images told apart by segment ids, so
+    the masked pairs are computed too): batch**2 * patches**2 per layer, as the compiled program does."""
+    v = cfg.model.vision
+    patches = batch * understanding_grid(cfg)[1]
+    merger = param_count(visual["merger"])
+    dense = (flops.dense_flops(param_count(visual) - merger, patches, mode)
+             + flops.dense_flops(merger, patches // v.spatial_merge_size**2, mode))
+    return dense + flops.attention_flops(v.depth, patches, v.hidden_size, 1, mode)
+
+
+def understanding_grid(cfg) -> tuple[tuple[int, int, int], int]:
+    """(image grid (t, h, w), patches per sample) of the understanding images: data.und_image_size squares
+    through the Qwen processor's resize (data/samples.UnderstandingTransform). The trainer needs one grid
+    per run (prepare_batch), so data.max_patches, when set, must be that grid's patch count."""
+    d, vision = cfg.data, cfg.model.vision
+    factor = vision.patch_size * vision.spatial_merge_size
+    h, w = smart_resize(d.und_image_size, d.und_image_size, factor, d.min_pixels, d.max_pixels)
+    grid = (1, h // vision.patch_size, w // vision.patch_size)
+    return grid, grid[1] * grid[2]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blip3o_jax.models import attention
 from blip3o_jax.models import layers as nn
 from blip3o_jax.models.attention import dot_product_attention
 from blip3o_jax.sharding import constrain
@@ -53,6 +54,7 @@ class DiTConfig:
     # LuminaNextDiT2DModel in every version and the released weights (4864 for D = 1792); "4d" = 4D, what
     # the BLIP3-o repo's copy of the block builds on diffusers >= 0.33 (7168), for weights trained that way.
     ffn_rule: str = "stock"
+    attention: str = ""  # backend (models/attention.py); "" = model.attention
 
     @property
     def head_dim(self) -> int:
@@ -191,6 +193,7 @@ class Attention(nnx.Module):
             self.norm_q = self.norm_k = None
         # attn2.to_out.0 is the block's single output projection, shared with self-attention.
         self.to_out = nn.linear(cfg.n_heads * hd, d, ("heads", "embed"), **kw) if with_out else None
+        self.attention = attention.check_implementation(cfg.attention, "model.dit.attention")
 
     def heads(self, x, ctx, rope, rope_on_keys: bool) -> jax.Array:
         q, k, v = self.to_q(x), self.to_k(ctx), self.to_v(ctx)
@@ -203,7 +206,8 @@ class Attention(nnx.Module):
         q = apply_rope(q, *rope)
         if rope_on_keys:
             k = apply_rope(k, *rope)
-        return dot_product_attention(q, k, v)  # all-ones caption mask (docs/model.md 5.3)
+        # All-ones caption mask (docs/model.md 5.3).
+        return dot_product_attention(q, k, v, implementation=self.attention)
 
 
 class FeedForward(nnx.Module):

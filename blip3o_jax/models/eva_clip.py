@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from blip3o_jax.models import attention
 from blip3o_jax.models import layers as nn
 from blip3o_jax.models.attention import dot_product_attention
 
@@ -43,6 +44,7 @@ class EvaConfig:
     qkv_bias: bool = True
     layer_norm_eps: float = 1e-6
     pooling: str = "early_pool2d_4"  # 4x4 average pooling of the token grid -> 8x8 = 64 tokens
+    attention: str = ""  # backend (models/attention.py); "" = model.attention
 
     @property
     def num_heads(self) -> int:
@@ -91,12 +93,13 @@ class EvaAttention(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.qkv = nn.linear(cfg.width, 3 * cfg.width, ("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
         self.proj = nn.linear(cfg.width, cfg.width, ("heads", "embed"), **kw)
+        self.attention = attention.check_implementation(cfg.attention, "model.eva.attention")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
         # Output columns are [q | k | v], each holding the heads contiguously (docs/model.md 8.1).
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], implementation=self.attention)
         return self.proj(out.reshape(b, n, self.num_heads * self.head_dim))
 
 

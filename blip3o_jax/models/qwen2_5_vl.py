@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blip3o_jax.models import attention
 from blip3o_jax.models import layers as nn
 from blip3o_jax.models.attention import dot_product_attention
 from blip3o_jax.models.qwen_vision import QwenVisionConfig, QwenVisionTower, get_rope_index
@@ -48,6 +49,7 @@ class QwenTextConfig:
     rope_theta: float = 1000000.0
     mrope_section: tuple = (16, 24, 24)
     tie_word_embeddings: bool = False
+    attention: str = ""  # backend (models/attention.py); "" = model.attention
 
 
 # Released Qwen2.5 special-token ids (docs/model.md 4.3); the demo's tiny vocabulary overrides them.
@@ -165,6 +167,7 @@ class Attention(nnx.Module):
         self.k_proj = nn.linear(h, kv, ("embed", "kv"), **kw)
         self.v_proj = nn.linear(h, kv, ("embed", "kv"), **kw)
         self.o_proj = nn.linear(h, h, ("heads", "embed"), use_bias=False, **kw)
+        self.attention = attention.check_implementation(cfg.attention, "model.llm.attention")
 
     def __call__(self, x, cos, sin, visible: dict, cache=None, cache_index=None):
         """x (B, L, H). Without cache: attends within x. With cache (k, v each (B, S, Hkv, D)): writes
@@ -181,7 +184,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             cache = (k, v)
-        return self.o_proj(dot_product_attention(q, k, v, **visible).reshape(b, l, -1)), cache
+        out = dot_product_attention(q, k, v, **visible, implementation=self.attention)
+        return self.o_proj(out.reshape(b, l, -1)), cache
 
 
 class MLP(nnx.Module):

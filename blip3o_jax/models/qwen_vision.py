@@ -11,14 +11,19 @@ the same order, ready to be written at the ``<|image_pad|>`` positions.
 Attention layout. transformers reorders the tokens so every 112x112-pixel window is contiguous and
 runs its variable-length kernels over ``cu_window_seqlens`` (window blocks) or ``cu_seqlens``
 (full-attention blocks: one segment per image frame), then undoes the order after the merger. Here
-every token instead carries two segment ids computed on the host from the static ``grid_thw``: its
-window and its image frame, passed to ``dot_product_attention`` (a token sees the tokens of its own
-segment). Attention restricted to segments is permutation-equivariant, and every other op is per token
-(RoPE uses each token's own (h, w) position) or per 2x2 merge block (which the window reordering moves
-as a unit), so skipping the reorder gives the same result with no gathers and fixed shapes under jit.
-Cost: the XLA attention path is dense, O(N^2) per layer; for BLIP3-o's 448x448 images (N = 1024
-patches) attention is ~12% of a block's FLOPs, but very large images (the released max_pixels allows
-N = 16384) need a segment-aware kernel behind dot_product_attention.
+every token carries two segment ids computed on the host from the static ``grid_thw``: its window and
+its image frame, passed to ``dot_product_attention`` (a token sees the tokens of its own segment);
+no (N, N) mask exists anywhere. Attention restricted to segments is permutation-equivariant, and every
+other op is per token (RoPE uses each token's own (h, w) position) or per 2x2 merge block (which the
+window reordering moves as a unit), so the order is a cost choice, not a numerical one:
+  * ``xla`` (and whenever the backend resolves to it): processor order, the segment ids of the layer
+    picked by the scan's layer counter; dense O(N^2) scores per layer, fine for BLIP3-o's 448x448
+    images (N = 1024 patches, attention ~12% of a block's FLOPs);
+  * ``splash``: tokens reordered window-contiguous once after the patch embedding (transformers'
+    window index: a stable sort by window id), the window and frame segment ids handed over as host
+    arrays, so the kernel's static block mask skips every block outside a window (the released
+    max_pixels allows N = 16384: 1/128 of the blocks); each layer's two kernels sit in a ``lax.cond``
+    on the layer counter; the order is undone on the merged tokens, as transformers does.
 
 Layers are stacked and scanned; a layer counter in the scan carry picks the window or the frame
 segment ids per layer (``fullatt_block_indexes``), so one compiled block serves both kinds.
@@ -39,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blip3o_jax.models import attention
 from blip3o_jax.models import layers as nn
 from blip3o_jax.models.attention import dot_product_attention
 
@@ -59,6 +65,7 @@ class QwenVisionConfig:
     fullatt_block_indexes: tuple = (7, 15, 23, 31)
     out_hidden_size: int = 3584
     rms_norm_eps: float = 1e-6
+    attention: str = ""  # backend (models/attention.py); "" = model.attention
 
 
 
@@ -172,14 +179,14 @@ class VisionAttention(nnx.Module):
         self.qkv = nn.linear(d, 3 * d, ("embed", "heads"), **kw)  # fused [q; k; v] as in torch
         self.proj = nn.linear(d, d, ("heads", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        """x (N, D); a token attends to the tokens with its segment id (its window or its frame)."""
+    def __call__(self, x, cos, sin, attend):
+        """x (N, D); ``attend(q, k, v)`` on (1, N, heads, head_dim): a token attends to the tokens of its
+        segment (its window or its frame; QwenVisionTower builds it per layer)."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        seg = segment_ids[None]
-        out = dot_product_attention(q[None], k[None], v[None], q_segment_ids=seg, kv_segment_ids=seg)
+        out = attend(q[None], k[None], v[None])
         return self.proj(out.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -205,8 +212,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, rngs=rngs, **kw)
         self.mlp = VisionMLP(cfg, rngs=rngs, **kw)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
+    def __call__(self, x, cos, sin, attend):
+        x = x + self.attn(self.norm1(x), cos, sin, attend)
         return x + self.mlp(self.norm2(x))
 
 
@@ -244,6 +251,7 @@ class QwenVisionTower(nnx.Module):
             raise ValueError(f"vision hidden_size {cfg.hidden_size} not divisible by num_heads {cfg.num_heads}")
         nn.remat_policy(remat)  # validate the name early
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
+        self.attention = attention.check_implementation(cfg.attention, "model.vision.attention")
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.patch_embed = PatchEmbed(cfg, rngs=rngs, **kw)
         self.blocks = nn.stack_layers(lambda r: VisionBlock(cfg, rngs=r, **kw), cfg.depth, rngs)
@@ -260,13 +268,23 @@ class QwenVisionTower(nnx.Module):
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw {grid.tolist()} gives {n}")
 
         x = self.patch_embed(pixel_values.astype(self.dtype))
-        cos, sin = rotary_cos_sin(jnp.asarray(layout["pos_hw"]), cfg.hidden_size // cfg.num_heads)
-        segments = jnp.asarray(np.stack([layout["window_seg"], layout["frame_seg"]]))  # row = full flag
+        head_dim = cfg.hidden_size // cfg.num_heads
         full_attention = jnp.asarray(self.full_attention, jnp.int32)
+        backend = attention.select_backend(self.attention, q_shape=(1, n, cfg.num_heads, head_dim),
+                                           kv_shape=(1, n, cfg.num_heads, head_dim), dtype=x.dtype,
+                                           static_segments=True)
+        if backend == "splash":
+            return self._window_contiguous(x, layout, full_attention)
+
+        cos, sin = rotary_cos_sin(jnp.asarray(layout["pos_hw"]), head_dim)
+        segments = jnp.asarray(np.stack([layout["window_seg"], layout["frame_seg"]]))  # row = full flag
 
         def block_call(block, carry, segments, full_attention, cos, sin):
             h, layer = carry
-            return block(h, cos, sin, segments[full_attention[layer]]), layer + 1
+            seg = segments[full_attention[layer]][None]
+            attend = functools.partial(dot_product_attention, q_segment_ids=seg, kv_segment_ids=seg,
+                                       implementation="xla")
+            return block(h, cos, sin, attend), layer + 1
 
         x, _ = nn.scan_layers(
             self.blocks,
@@ -279,6 +297,28 @@ class QwenVisionTower(nnx.Module):
             block_call=block_call,
         )
         return self.merger(x)
+
+    def _window_contiguous(self, x, layout, full_attention):
+        """The blocks on window-contiguous tokens with host segment ids (splash's static block mask)."""
+        cfg = self.cfg
+        # transformers' window index: windows in id order (frame by frame), processor order inside a
+        # window. A stable sort keeps each 2x2 merge unit (4 consecutive patches, one window) together.
+        order = np.argsort(layout["window_seg"], kind="stable")
+        window_seg, frame_seg = layout["window_seg"][order], layout["frame_seg"][order]
+        cos, sin = rotary_cos_sin(jnp.asarray(layout["pos_hw"][order]), cfg.hidden_size // cfg.num_heads)
+        window, frame = (functools.partial(dot_product_attention, q_segment_ids=s, kv_segment_ids=s,
+                                           implementation="splash") for s in (window_seg, frame_seg))
+
+        def block_call(block, carry, full_attention, cos, sin):
+            h, layer = carry
+            attend = lambda q, k, v: jax.lax.cond(full_attention[layer] > 0, frame, window, q, k, v)
+            return block(h, cos, sin, attend), layer + 1
+
+        x, _ = nn.scan_layers(self.blocks, (x[order], jnp.zeros((), jnp.int32)), full_attention, cos, sin,
+                              remat=self.remat, block_call=block_call)
+        merged = self.merger(x)
+        unit = cfg.spatial_merge_size**2
+        return merged[np.argsort(order[::unit] // unit)]  # back to processor order
 
 
 # ---------------------------------------------------------------------------------------------

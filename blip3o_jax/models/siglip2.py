@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from blip3o_jax.models import attention
 from blip3o_jax.models import layers as nn
 from blip3o_jax.models.attention import dot_product_attention
 
@@ -45,6 +46,7 @@ class Siglip2Config:
     layer_norm_eps: float = 1e-6
     feature_layer: int = -2  # hidden_states index used as features (-2 = penultimate layer output)
     num_pooled_tokens: int = 64  # adaptive average pooling of the token grid
+    attention: str = ""  # backend (models/attention.py); "" = model.attention
 
     @property
     def grid_size(self) -> int:
@@ -105,12 +107,14 @@ class Siglip2Attention(nnx.Module):
         self.k_proj = nn.linear(d, d, ("embed", "heads"), **kw)
         self.v_proj = nn.linear(d, d, ("embed", "heads"), **kw)
         self.out_proj = nn.linear(d, d, ("heads", "embed"), **kw)
+        self.attention = attention.check_implementation(cfg.attention, "model.siglip2.attention")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, _ = x.shape
         split = lambda t: t.reshape(b, n, self.num_heads, self.head_dim)  # noqa: E731
         # Fixed-size images, every patch valid: no padding mask (transformers' is all ones here).
-        out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                    implementation=self.attention)
         return self.out_proj(out.reshape(b, n, self.num_heads * self.head_dim))
 
 

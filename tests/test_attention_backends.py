@@ -1,0 +1,157 @@
+"""The fused attention backends of models/attention.py against its ``xla`` path.
+
+Splash runs here in Pallas interpret mode (the kernel's own code, on CPU); its sequences are padded
+to multiples of 128 inside the adapter, so the lengths below are deliberately not multiples of 128.
+Tolerance: float32 rounding, rtol 1e-6 with atol 2e-6 x max|xla| (measured: largest forward
+difference 7e-7 x max, gradients 1e-6 x max; splash sums over keys in 128-blocks, xla in one pass).
+cuDNN cannot be lowered without a GPU (benchmarks/attention_gpu.py checks it there): only its
+selection is tested. The TPU case of ``auto`` is checked through an abstract TPU mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax._src.mesh import AbstractDevice
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from blip3o_jax import configlib, sharding
+from blip3o_jax.models import attention
+from blip3o_jax.models.attention import dot_product_attention, select_backend
+from blip3o_jax.models.qwen_vision import QwenVisionConfig, QwenVisionTower
+
+RTOL, ATOL = 1e-6, 2e-6
+
+
+def close(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL * np.abs(want).max())
+
+
+def qkv(b=2, lq=200, lk=200, hq=4, hkv=2, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(s).astype(np.float32))
+                 for s in ((b, lq, hq, d), (b, lk, hkv, d), (b, lk, hkv, d)))
+
+
+LEFT_PADDING = np.where(np.arange(200)[None] >= np.array([[0], [37]]), 0, -1).astype(np.int32)  # row 1: 37 pads
+# Windows of unequal size (traced ids), with padding tokens (-1) at the end of row 0.
+WINDOWS = np.stack([np.repeat([0, 1, 2, 3, -1], [30, 64, 10, 80, 16]), np.repeat([0, 1, 2], [150, 1, 49])]).astype(np.int32)
+# The same kind as host ids: splash's static block mask (the Qwen ViT's windows); -1 = padding.
+STATIC = np.repeat([0, 1, 2, 3, 4, -1], [60, 64, 4, 50, 14, 8]).astype(np.int32)
+
+CASES = {
+    "cross_gqa": (dict(lq=130), {}),
+    "causal_left_padding": ({}, dict(causal=True, kv_segment_ids=jnp.asarray(LEFT_PADDING))),
+    "windows_traced": ({}, dict(q_segment_ids=jnp.asarray(WINDOWS), kv_segment_ids=jnp.asarray(WINDOWS))),
+    "windows_static": ({}, dict(q_segment_ids=STATIC, kv_segment_ids=STATIC)),
+    "causal_static_mha": (dict(hkv=4), dict(causal=True, q_segment_ids=STATIC, kv_segment_ids=STATIC)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_splash_matches_xla_forward_and_gradient(case):
+    shape, kw = CASES[case]
+    q, k, v = qkv(**shape)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape).astype(np.float32))  # output cotangent
+    (want, want_vjp), (got, got_vjp) = (
+        jax.vjp(functools.partial(dot_product_attention, implementation=name, **kw), q, k, v) for name in ("xla", "splash"))
+    close(got, want)
+    for got_grad, want_grad in zip(got_vjp(w), want_vjp(w)):
+        close(got_grad, want_grad)
+    if case == "causal_left_padding":  # rows without a visible key are zeros, as on xla
+        np.testing.assert_array_equal(np.asarray(got)[1, :37], 0.0)
+    if case == "windows_static":
+        np.testing.assert_array_equal(np.asarray(got)[:, -8:], 0.0)
+
+
+def test_decode_step_stays_on_xla_exactly():
+    """A KV-cache step (per-row query positions) is not a splash call: it runs the xla path, bit for bit."""
+    q, k, v = qkv(lq=1, lk=300)
+    visible = dict(causal=True, q_positions=jnp.array([[150], [299]]), kv_positions=jnp.arange(300),
+                   kv_segment_ids=jnp.asarray(np.where(np.arange(300) >= 20, 0, -1)))
+    assert select_backend("splash", q_shape=q.shape, kv_shape=k.shape, dtype=q.dtype, causal=True,
+                          positions=True, segment_ids=True, on="tpu") == "xla"
+    np.testing.assert_array_equal(np.asarray(dot_product_attention(q, k, v, implementation="splash", **visible)),
+                                  np.asarray(dot_product_attention(q, k, v, **visible)))
+
+
+def test_splash_under_shard_map_on_a_mesh():
+    """Inside jit on a (data, fsdp, tensor) = (2, 2, 2) mesh: batch over data x fsdp, k/v heads over tensor."""
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
+    q, k, v = qkv(b=4, lq=140, lk=140)
+    seg = jnp.asarray(np.where(np.arange(140)[None] >= np.array([[0], [5], [70], [139]]), 0, -1))
+    f = jax.jit(functools.partial(dot_product_attention, causal=True, kv_segment_ids=seg, implementation="splash"))
+    spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+    with jax.set_mesh(mesh):
+        got = f(*(jax.device_put(x, spec) for x in (q, k, v)))
+        assert "shard_map" in str(f.trace(q, k, v).jaxpr)
+    close(got, dot_product_attention(q, k, v, causal=True, kv_segment_ids=seg))
+
+
+TOWER = QwenVisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=48, fullatt_block_indexes=(1,),
+                         out_hidden_size=24)
+# Two images; 12 patches are one full 8-patch window plus a 4-patch one: windows of unequal size.
+GRID = np.array([[1, 8, 12], [1, 12, 10]])
+
+
+def test_vision_tower_window_contiguous_splash_matches_xla():
+    """Reordered window-contiguous with static window/frame masks (and undone after the merger) on splash,
+    processor order with traced segment ids on xla: the same outputs. (The reorder is a gather; the
+    kernel's gradient with static windows is checked above.)"""
+    n = int(np.prod(GRID, axis=1).sum())
+    pixels = jnp.asarray(np.random.default_rng(2).standard_normal((n, 3 * 2 * 14 * 14)).astype(np.float32))
+    outs = {}
+    for name in ("xla", "splash"):
+        tower = QwenVisionTower(dataclasses.replace(TOWER, attention=name), rngs=nnx.Rngs(0))
+        outs[name] = nnx.jit(lambda tower, p: tower(p, GRID))(tower, pixels)
+    close(outs["splash"], outs["xla"])
+
+
+def test_auto_picks_by_platform_and_length():
+    long, short = dict(q_shape=(2, 4096, 28, 128), kv_shape=(2, 4096, 4, 128)), dict(q_shape=(2, 64, 28, 64),
+                                                                                       kv_shape=(2, 64, 28, 64))
+    bf16 = jnp.bfloat16
+    assert select_backend("auto", **long, dtype=bf16, causal=True, segment_ids=True, on="tpu") == "splash"
+    assert select_backend("auto", **short, dtype=bf16, on="tpu") == "xla"  # the DiT's 64 tokens
+    assert select_backend("auto", **long, dtype=bf16, on="cpu") == "xla"
+    assert select_backend("auto", **long, dtype=bf16, causal=True, on="gpu") == "cudnn"
+    # cuDNN takes no segment ids (left-padded prompts), no float32, no explicit positions: xla.
+    assert select_backend("auto", **long, dtype=bf16, causal=True, segment_ids=True, on="gpu") == "xla"
+    assert select_backend("auto", **long, dtype=jnp.float32, on="gpu") == "xla"
+    assert select_backend("cudnn", **long, dtype=bf16, causal=True, positions=True, on="gpu") == "xla"
+    assert select_backend("splash", **short, dtype=bf16, on="cpu") == "splash"  # explicit: any length
+    assert select_backend("xla", **long, dtype=bf16, on="tpu") == "xla"
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        select_backend("cudnn", **long, dtype=bf16, on="cpu")
+    with pytest.raises(ValueError, match="model.llm.attention='fast'"):
+        attention.check_implementation("fast", "model.llm.attention")
+
+
+def test_platform_comes_from_the_mesh_not_the_default_backend():
+    """During a TPU AOT compile jax.default_backend() is "cpu"; the context mesh's devices decide."""
+    assert attention.platform() == jax.default_backend() == "cpu"
+    tpu = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=AbstractDevice("TPU v5", 2, "tpu"))
+    with jax.sharding.use_abstract_mesh(tpu):
+        assert attention.platform() == "tpu"
+        assert select_backend("auto", q_shape=(1, 4096, 16, 80), kv_shape=(1, 4096, 16, 80), dtype=jnp.bfloat16,
+                              static_segments=True) == "splash"
+
+
+def test_config_keys():
+    cfg = configlib.base_config()
+    assert cfg.model.attention == "auto" and configlib.component(cfg, "llm").attention == "auto"
+    cfg.model.attention = "xla"
+    cfg.model.vision.attention = "splash"  # a component's own key overrides model.attention
+    assert configlib.component(cfg, "llm").attention == "xla"
+    assert configlib.component(cfg, "vision").attention == "splash"
+    cfg.model.dit.attention = "flash"
+    with pytest.raises(configlib.ConfigError, match="model.dit.attention"):
+        configlib.validate(cfg)
