@@ -25,6 +25,8 @@ from jax.sharding import PartitionSpec as P
 from blip3o_jax import configlib, sharding
 from blip3o_jax.models import attention
 from blip3o_jax.models.attention import dot_product_attention, select_backend
+from blip3o_jax.models.dit import DiT
+from blip3o_jax.models.qwen2_5_vl import Qwen2_5_VL, text_position_ids
 from blip3o_jax.models.qwen_vision import QwenVisionConfig, QwenVisionTower
 
 RTOL, ATOL = 1e-6, 2e-6
@@ -155,3 +157,112 @@ def test_config_keys():
     cfg.model.dit.attention = "flash"
     with pytest.raises(configlib.ConfigError, match="model.dit.attention"):
         configlib.validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end through the models, built from the config keys as the trainer builds them
+
+
+def tiny(section: str, fields: dict, **keys):
+    """configlib.component(section) of base_config() with tiny sizes and model.attention / overrides."""
+    cfg = configlib.base_config()
+    configlib.assign(cfg.model[section], fields)
+    for key, value in keys.items():
+        configlib.assign(cfg.model if key == "attention" else cfg.model[key], {"attention": value})
+    return configlib.component(cfg, section)
+
+
+def randomised(model, seed: int):
+    """Every parameter redrawn (matrices N(0, 0.15^2), vectors 1 + N(0, 0.1^2)): the 0.02 init leaves the
+    attention almost uniform, which would hide a wrong mask."""
+    graphdef, state = nnx.split(model)
+    leaves, tree = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)
+    leaves = [rng.normal(0.0, 0.15, x.shape) if x.ndim >= 2 else 1.0 + rng.normal(0.0, 0.1, x.shape) for x in leaves]
+    return nnx.merge(graphdef, jax.tree.unflatten(tree, [jnp.asarray(x, jnp.float32) for x in leaves]))
+
+
+@pytest.fixture
+def splash_calls(monkeypatch):
+    """How many attention calls went to the splash kernel (counted while tracing)."""
+    calls = []
+    kernel = attention._splash_attention
+    monkeypatch.setattr(attention, "_splash_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    return calls
+
+
+LLM = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, mrope_section=(2, 3, 3))  # GQA 4/2, head_dim 16
+PROMPT = 20  # padded to 128 inside splash
+
+
+@nnx.jit
+def prefill_and_step(model, ids, mask):
+    """Logits of a KV-cache prefill of the prompt and of one greedy decode step (as decode._generate)."""
+    text, (b, length) = model.model, ids.shape
+    cache = text.init_cache(b, length + 1)
+    cache["valid"] = cache["valid"].at[:, :length].set(mask > 0)
+    positions = text_position_ids(mask)
+    hidden, cache = text.forward_cached(model.embed(ids), positions, cache, 0)
+    prefill = model.logits(hidden)
+    token = jnp.argmax(prefill[:, -1], axis=-1)
+    cache["valid"] = cache["valid"].at[:, length].set(True)
+    hidden, _ = text.forward_cached(model.embed(token[:, None]), positions[:, :, -1:] + 1, cache, length)
+    return prefill, model.logits(hidden)
+
+
+def test_qwen_text_on_splash_matches_xla_and_decode_stays_on_xla(splash_calls):
+    """model.attention=splash: lm_logits of a left-padded batch (causal + padding segment ids, 20 tokens
+    padded to 128 in the kernel) agree with xla's to float32 rounding, padded rows included; the KV-cache
+    prefill and decode step (explicit positions) run the xla path bit for bit."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, LLM["vocab_size"], (2, PROMPT))
+    mask = np.ones_like(ids)
+    mask[1, :7] = 0
+    ids[mask == 0] = 0
+    logits, cached = {}, {}
+    for name in ("xla", "splash"):
+        model = randomised(Qwen2_5_VL(tiny("llm", LLM, attention=name), rngs=nnx.Rngs(0)), seed=3)
+        before = len(splash_calls)
+        logits[name] = np.asarray(model.lm_logits(ids, mask))
+        assert len(splash_calls) - before == (name == "splash")  # one traced call: the scanned layer body
+        before = len(splash_calls)
+        cached[name] = [np.asarray(x) for x in prefill_and_step(model, jnp.asarray(ids), jnp.asarray(mask))]
+        assert len(splash_calls) == before
+    close(logits["splash"], logits["xla"])
+    for got, want in zip(cached["splash"], cached["xla"]):
+        np.testing.assert_array_equal(got, want)
+
+
+DIT = dict(input_size=4, in_channels=32, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+           latent_embedding_size=48)  # 16 tokens, GQA 4/2, head_dim 16
+
+
+def test_dit_velocity_on_splash_matches_xla(splash_calls):
+    """model.dit.attention=splash over model.attention=xla (auto would keep the DiT's short sequences on
+    xla): self-attention over 16 tokens and cross-attention to 6 caption tokens, both padded to 128."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 16, 32)).astype(np.float32))
+    z = jnp.asarray(rng.standard_normal((2, 6, 48)).astype(np.float32))
+    t = jnp.asarray([999.0, 250.0])
+    out = {}
+    for name in ("xla", "splash"):
+        model = randomised(DiT(tiny("dit", DIT, attention="xla", dit=name), rngs=nnx.Rngs(0)), seed=4)
+        out[name] = np.asarray(nnx.jit(lambda m, x, t, z: m.velocity(x, t, z))(model, x, t, z))
+    assert len(splash_calls) == 2  # the scanned block's self- and cross-attention
+    close(out["splash"], out["xla"])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu",
+                    reason=f"cuDNN needs an NVIDIA GPU (jax.default_backend() is {jax.default_backend()})")
+@pytest.mark.parametrize("case", ["llm_causal_4096", "llm_left_padded_2048", "vit_full", "dit", "unet_cross"])
+def test_cudnn_matches_xla_on_gpu(case):
+    """The GPU benchmark's check on small shapes: cuDNN in bfloat16, forward and gradient, no further from
+    the float32 xla reference than xla itself in bfloat16 (attention_gpu.within_tolerance says why)."""
+    from benchmarks import attention_gpu
+
+    shape = attention_gpu.CASES[case].scaled(8)
+    report = attention_gpu.check(shape, "cudnn")
+    # Left-padded prompts take the xla fallback (cuDNN has no segment ids): still checked, as configured.
+    assert report["runs_as"] == ("xla" if "padded" in case else "cudnn"), report
+    assert report["ok"], report
