@@ -4,8 +4,11 @@ Splash runs here in Pallas interpret mode (the kernel's own code, on CPU); its s
 to multiples of 128 inside the adapter, so the lengths below are deliberately not multiples of 128.
 Tolerance: float32 rounding, rtol 1e-6 with atol 2e-6 x max|xla| (measured: largest forward
 difference 7e-7 x max, gradients 1e-6 x max; splash sums over keys in 128-blocks, xla in one pass).
-cuDNN cannot be lowered without a GPU (benchmarks/attention_gpu.py checks it there): only its
-selection is tested. The TPU case of ``auto`` is checked through an abstract TPU mesh.
+The models are checked end to end on splash against xla at the same tolerance (the Qwen text model's
+logits and KV-cache steps, the ViT, the DiT velocity), built from the config keys.
+cuDNN cannot be lowered without a GPU: here only its selection is tested; on a GPU the cuDNN case runs
+benchmarks/attention_gpu.py's bfloat16 check on small shapes. The TPU case of ``auto`` is checked
+through an abstract TPU mesh.
 """
 
 from __future__ import annotations
