@@ -275,6 +275,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.demo.decoder_prediction_type = "v_prediction"
     c.demo.eval_questions = 48
     c.demo.eval_prompts = 48
+    c.demo.eval_decoder_steps = 50  # the pixel decoder's sampling steps for the report's generated images
 
     c.lock()
     return c
@@ -434,6 +435,8 @@ def validate(cfg: ml_collections.ConfigDict, num_devices: int | None = None) -> 
     if cfg.train.stage == "pipeline":  # the demo's pixel-space decoder on space_to_depth-packed pixels
         p = cfg.demo.decoder_pixel_patch
         _require(p >= 1, "demo.decoder_pixel_patch", f"{p} must be >= 1")
+        for key in ("eval_questions", "eval_prompts", "eval_decoder_steps"):
+            _require(cfg.demo[key] >= 1, f"demo.{key}", f"{cfg.demo[key]} must be >= 1")
         _require(dec.in_channels == dec.out_channels == 3 * p * p, "model.decoder.in_channels",
                  f"in/out channels {dec.in_channels}/{dec.out_channels} must be 3 * demo.decoder_pixel_patch**2 "
                  f"= {3 * p * p} (RGB pixels packed {p}x{p})")

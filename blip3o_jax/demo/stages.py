@@ -243,7 +243,7 @@ def understanding_accuracy(pipe, n: int, seed: int) -> dict:
     return {"accuracy": correct / max(n, 1), "n": n}
 
 
-def generation_accuracy(pipe, n: int, seed: int):
+def generation_accuracy(pipe, n: int, seed: int, decoder_steps: int = 50):
     """Held-out single-object prompts -> ``Pipeline.generate_images`` (as ``python -m blip3o_jax.generate``:
     chat template, condition, guided DiT sampling, guided decoder) -> pixels read back by demo_scoring;
     plus a grid of the samples."""
@@ -256,7 +256,7 @@ def generation_accuracy(pipe, n: int, seed: int):
     captions = [synthetic.caption_of([o]) for o in objects]
     flow = pipe.cfg.flow
     images, _ = pipe.generate_images(captions, seed=seed, num_steps=flow.sample_steps, guidance=flow.guidance,
-                                     decoder_steps=50, decoder_guidance=3.0)
+                                     decoder_steps=decoder_steps, decoder_guidance=3.0)
     result = demo_scoring.accuracy(list(images), objects)
     size = images.shape[1]
     cols = min(8, len(images))
@@ -354,7 +354,8 @@ def run(cfg, workdir: str, train_stage) -> dict | None:
     # the inference defaults the checkpoint just written declares.
     pipe = inference.Pipeline(model, tokenizer, cfg, mesh, decoder, **checkpoints.pipeline_defaults(workdir))
     understanding = understanding_accuracy(pipe, d.eval_questions, seed=cfg.data.seed + 101)
-    generation, grid = generation_accuracy(pipe, d.eval_prompts, seed=cfg.data.seed + 202)
+    generation, grid = generation_accuracy(pipe, d.eval_prompts, seed=cfg.data.seed + 202,
+                                           decoder_steps=d.eval_decoder_steps)
     samples = os.path.join(workdir, "samples.png")
     grid.save(samples)
     report = {"generation": generation, "understanding": understanding, "wall_seconds": time.time() - start,
