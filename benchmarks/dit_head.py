@@ -1,6 +1,6 @@
 """DiT flow head on CPU: JAX vs PyTorch (diffusers LuminaNextDiT2DModel), same work, each in its own process.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/dit_head.py [--no-compile] [--rounds 5]
+    PYTHONPATH=. .venv/bin/python benchmarks/dit_head.py [--no-compile] [--rounds 5] [--cpus N]
 
 Config (issue 22): dim 256, 4 layers, 8 heads, 64 target tokens (8x8, patch 1) of width 256, 64 condition
 tokens of width 256, float32, the same converted weights on both sides (the PyTorch worker writes them,
@@ -12,7 +12,8 @@ the JAX worker loads them through dit_mapping).
   FlowMatchEulerDiscreteScheduler loop; JAX: ``flow.sample_features`` (one compiled fori_loop).
 Both sides use the 8x8 grid's RoPE table (the reference's 384x384 table, sliced inside, is the same
 numbers). ``torch.compile`` rows: inductor on the model call; its compilation is in the warm-up calls,
-excluded from the medians like jax.jit's.
+excluded from the medians like jax.jit's. ``--cpus 1`` pins every worker to one core (both frameworks then
+run one thread: on a loaded machine that avoids OpenMP's spin-waiting collapse, see BENCHMARKS.md).
 
 Factories below import their framework lazily: benchmarks.fair runs each in a process of its own.
 """
@@ -125,10 +126,14 @@ def torch_sample(weights_dir: str, compile: bool = False):
 
 
 def _jax_model(weights_dir: str):
+    from flax import nnx
+
     from blip3o_jax import sharding, weights
     from blip3o_jax.models import dit_mapping
-    from blip3o_jax.models.dit import DiTConfig
+    from blip3o_jax.models.dit import DiT, DiTConfig
 
+    if not weights_dir:  # random weights (benchmarks/cpu_levers.py): the same work
+        return DiT(DiTConfig(**CFG), rngs=nnx.Rngs(0))
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     return dit_mapping.load(weights.TorchCheckpoint(weights_dir), DiTConfig(**CFG), mesh, "replicated")
 
@@ -173,7 +178,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--cases", default="train,sample")
+    p.add_argument("--cpus", type=int, default=0, help="pin every worker to this many cores (0: all)")
     args = p.parse_args(argv)
+    env = {"FAIR_CPUS": str(args.cpus)} if args.cpus else {}
     print(fair.header("DiT flow head (benchmarks/dit_head.py)",
                       f"config {CFG}, train batch {TRAIN_BATCH}, sampling batch {SAMPLE_BATCH}, float32"))
     with tempfile.TemporaryDirectory() as wdir:
@@ -181,10 +188,10 @@ def main(argv=None):
         for case, per_round in (("train", 3), ("sample", 1)):
             if case not in args.cases.split(","):
                 continue
-            sides = [fair.Side("PyTorch eager", f"benchmarks.dit_head:torch_{case}", kw),
-                     fair.Side("JAX", f"benchmarks.dit_head:jax_{case}", kw)]
+            sides = [fair.Side("PyTorch eager", f"benchmarks.dit_head:torch_{case}", kw, env),
+                     fair.Side("JAX", f"benchmarks.dit_head:jax_{case}", kw, env)]
             if not args.no_compile:
-                sides.append(fair.Side("torch.compile", f"benchmarks.dit_head:torch_{case}", dict(kw, compile=True)))
+                sides.append(fair.Side("torch.compile", f"benchmarks.dit_head:torch_{case}", dict(kw, compile=True), env))
             title = ("train step (fwd + bwd, MSE on velocity), batch 16" if case == "train"
                      else f"{STEPS}-step guided sampling (CFG {GUIDANCE}), batch {SAMPLE_BATCH}")
             fair.compare(title, sides, rounds=args.rounds, per_round=per_round, warmup=3 if case == "train" else 2)

@@ -1,44 +1,29 @@
 """End-to-end seconds per image: prompt -> condition -> 30-step guided DiT -> 50-step guided decoder -> pixels.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/end_to_end.py [--configs tiny,mid] [--repeats 3]
+    PYTHONPATH=. .venv/bin/python benchmarks/end_to_end.py [--configs tiny,mid] [--rounds 3] [--cpus N]
 
-For each config, one set of random-weight PyTorch modules is built (transformers Qwen2.5-VL, diffusers
-LuminaNextDiT2DModel + caption MLP, diffusers UNet2DConditionModel + AutoencoderKL +
-EulerDiscreteScheduler), written as a released-layout checkpoint directory with a diffusion-decoder/
-folder, and loaded by ``inference.Pipeline`` (the code path of ``python -m blip3o_jax.generate``).
-The PyTorch reference pipeline runs the same steps with the same modules (docs/model.md 3.1 / 7 / 9:
-[IMG] + queries after the prompt, final-norm states, DiT Euler loop with CFG batch [uncond, cond],
-decoder Euler loop with CFG batch [cond, uncond], VAE decode); both use negative features computed
-once beforehand (cached in both pipelines), float32, batch 1, sdpa attention; PyTorch is timed at
-1 thread and at one thread per core (``--torch-threads``): on a loaded machine multi-threaded eager
-PyTorch collapses (oversubscribed spin-waits), so both are printed. Times are medians over
-``--repeats`` runs after one warm-up (JAX compilation is reported separately as "first call").
+For each config, the PyTorch worker builds one set of random-weight modules (transformers Qwen2.5-VL,
+diffusers LuminaNextDiT2DModel + caption MLP, diffusers UNet2DConditionModel + AutoencoderKL +
+EulerDiscreteScheduler) and writes them as a released-layout checkpoint directory with a
+diffusion-decoder/ folder; the JAX worker loads that directory with ``inference.Pipeline`` (the code
+path of ``python -m blip3o_jax.generate``). The PyTorch reference pipeline runs the same steps with the
+same modules (docs/model.md 3.1 / 7 / 9: [IMG] + queries after the prompt, final-norm states, DiT Euler
+loop with CFG batch [uncond, cond], decoder Euler loop with CFG batch [cond, uncond], VAE decode); both
+compute the negative features once before timing (cached in both pipelines), float32, batch 1, sdpa
+attention. Each side runs in its own process (benchmarks/fair.py: alternating rounds, medians, warm-up
+and JAX compilation excluded and reported as "first call"). ``--cpus 1`` pins both workers to one core.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import tests.torch_shim  # noqa: E402,F401  (lets transformers / diffusers import beside CPU torch)
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from blip3o_jax import checkpoints, inference  # noqa: E402
-from blip3o_jax.models import dit_mapping  # noqa: E402
-from blip3o_jax.models.dit import DiTConfig  # noqa: E402
-from tests.references.blip3o import GEN_START, read_dir, tiny_tokenizer, write_dir  # noqa: E402
-from tests.references.decoder import EULER  # noqa: E402
-from tests.references.dit import build_reference, reference_state_dict  # noqa: E402
-from tests.references.qwen import EOS, IMAGE, PAD, V_END, V_START, VIDEO, flat_config  # noqa: E402
+from benchmarks import fair  # noqa: E402
+from blip3o_jax.models.dit import DiTConfig  # noqa: E402  (a dataclass: jax is imported, never started)
 
 PROMPT = "a small red circle at the top left"
 
@@ -75,8 +60,19 @@ CONFIGS = {
 
 def build(name: str, root: str):
     """Random torch modules -> released-layout directory (+ tokenizer, diffusion-decoder)."""
+    import json
+
+    import tests.torch_shim  # noqa: F401  (lets transformers / diffusers import beside CPU torch)
+    import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from blip3o_jax import checkpoints
+    from blip3o_jax.models import dit_mapping
+    from tests.references.blip3o import GEN_START, read_dir, tiny_tokenizer, write_dir
+    from tests.references.decoder import EULER
+    from tests.references.dit import build_reference, reference_state_dict
+    from tests.references.qwen import EOS, IMAGE, PAD, V_END, V_START, VIDEO, flat_config
 
     spec = CONFIGS[name]
     q = dict(spec["qwen"])
@@ -127,52 +123,63 @@ def build(name: str, root: str):
                       n_query=spec["n_query"])
 
 
-class TorchPipeline:
-    """The reference pipeline of docs/model.md 3.1 steps 2-8 with the same modules (batch 1)."""
+def _image_size(name: str) -> int:
+    """Pixels per side: the UNet's latent side times the VAE's downscaling (what the JAX decoder derives)."""
+    spec = CONFIGS[name]
+    return spec["unet"]["sample_size"] * 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
 
-    def __init__(self, m, size: int):
-        from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
 
-        self.m, self.size = m, size
-        self.rope = get_2d_rotary_pos_embed_lumina(m["dcfg"].head_dim, 384, 384)
-        self.negative = None
+def _ckpt(root: str, name: str) -> str:
+    return os.path.join(root, name, "ckpt")
 
-    @torch.no_grad()
-    def condition(self, ids):
-        lm = self.m["qwen"].model.language_model
+
+def torch_pipeline(root: str, name: str):
+    """The reference pipeline of docs/model.md 3.1 steps 2-8 with the modules build() writes (batch 1)."""
+    import numpy as np
+    import torch
+    from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    from blip3o_jax.data import chat
+    from tests.references.blip3o import GEN_START, tiny_tokenizer
+    from tests.references.decoder import EULER
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    os.makedirs(os.path.join(root, name), exist_ok=True)
+    path, m = build(name, os.path.join(root, name))
+    assert path == _ckpt(root, name)
+    size = _image_size(name)
+    rope = get_2d_rotary_pos_embed_lumina(m["dcfg"].head_dim, 384, 384)
+
+    def condition(ids):
+        lm = m["qwen"].model.language_model
         ids = torch.cat([ids, torch.full((1, 1), GEN_START)], 1)
-        embeds = torch.cat([lm.embed_tokens(ids), self.m["queries"]], 1)
-        return lm(inputs_embeds=embeds).last_hidden_state[:, -self.m["n_query"]:]
+        embeds = torch.cat([lm.embed_tokens(ids), m["queries"]], 1)
+        return lm(inputs_embeds=embeds).last_hidden_state[:, -m["n_query"]:]
 
-    @torch.no_grad()
-    def features(self, z, steps=30, guidance=3.0):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        d = self.m["dcfg"]
+    def features(z, steps=30, guidance=3.0):
+        d = m["dcfg"]
         sched = FlowMatchEulerDiscreteScheduler()
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))
         x = torch.randn(1, d.in_channels, d.input_size, d.input_size)
-        cond = self.m["cap"](torch.cat([torch.zeros_like(z), z]))
+        cond = m["cap"](torch.cat([torch.zeros_like(z), z]))
         mask = torch.ones(2, z.shape[1])
         for t in sched.timesteps:
-            v = self.m["dit"](hidden_states=torch.cat([x, x]), timestep=t.expand(2).long(), encoder_hidden_states=cond,
-                              encoder_mask=mask, image_rotary_emb=self.rope, cross_attention_kwargs={}).sample
+            v = m["dit"](hidden_states=torch.cat([x, x]), timestep=t.expand(2).long(), encoder_hidden_states=cond,
+                         encoder_mask=mask, image_rotary_emb=rope, cross_attention_kwargs={}).sample
             vu, vc = v.chunk(2)
             x = sched.step(vu + guidance * (vc - vu), t, x).prev_sample
         return x.flatten(2).transpose(1, 2)  # (1, N, C) row-major
 
-    @torch.no_grad()
-    def decode(self, feats, steps=50, guidance=3.0):
-        from diffusers import EulerDiscreteScheduler
-
+    def decode(feats, negative, steps=50, guidance=3.0):
         sched = EulerDiscreteScheduler(**EULER)
         sched.set_timesteps(steps)
-        unet, vae = self.m["unet"], self.m["vae"]
+        unet, vae = m["unet"], m["vae"]
         side = unet.config.sample_size
         lat = torch.randn(1, 4, side, side) * sched.init_noise_sigma
-        ctx = torch.cat([feats, self.negative])
-        added = dict(text_embeds=ctx.mean(1), time_ids=torch.tensor([[self.size, self.size, 0, 0, self.size,
-                                                                      self.size]] * 2, dtype=torch.float32))
+        ctx = torch.cat([feats, negative])
+        added = dict(text_embeds=ctx.mean(1), time_ids=torch.tensor([[size, size, 0, 0, size, size]] * 2,
+                                                                    dtype=torch.float32))
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([lat, lat]), t)
             eps = unet(inp, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
@@ -181,61 +188,48 @@ class TorchPipeline:
         image = vae.decode(lat / vae.config.scaling_factor).sample
         return ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
 
-    def __call__(self, ids):
-        if self.negative is None:  # cached, as in the released pipeline
-            self.negative = self.features(self.condition(torch.zeros((1, 0), dtype=torch.long)))
-        return self.decode(self.features(self.condition(ids)))
+    ids = torch.tensor([tiny_tokenizer().encode(chat.t2i_prompt(PROMPT), add_special_tokens=False)])
+    with torch.no_grad():  # cached before timing, as in the released pipeline (and the JAX one)
+        negative = features(condition(torch.zeros((1, 0), dtype=torch.long)))
+
+    @torch.no_grad()
+    def run():
+        return decode(features(condition(ids)), negative)
+
+    return run
 
 
-def timed(fn, repeats):
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return first, statistics.median(runs)
+def jax_pipeline(root: str, name: str):
+    import jax
+
+    from blip3o_jax import inference
+
+    pipe = inference.Pipeline.from_checkpoint(_ckpt(root, name), mesh=inference.inference_mesh(1))
+    assert pipe.decoder.default_size == _image_size(name)
+    jax.block_until_ready(pipe.negative_features())  # cached before timing, like the reference's
+
+    return lambda: pipe.generate_images([PROMPT], seed=0)[0]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="tiny,mid")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--torch-threads", default=f"1,{os.cpu_count()}",
-                   help="PyTorch intra-op thread counts to measure (comma separated)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--cpus", type=int, default=0, help="pin every worker to this many cores (0: all)")
     args = p.parse_args(argv)
-    threads = [int(t) for t in args.torch_threads.split(",")]
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    rows = []
+    env = {"FAIR_CPUS": str(args.cpus)} if args.cpus else {}
     for name in args.configs.split(","):
+        spec = CONFIGS[name]
+        q, d = spec["qwen"], spec["dit"]
+        desc = (f"{name}: {_image_size(name)} px, LLM {q['hidden_size']}x{q['num_hidden_layers']}L, DiT {d.dim}x"
+                f"{d.n_layers}L ({d.in_channels}-ch, {d.input_size ** 2} tokens), UNet {spec['unet']['block_out_channels']}")
+        print(fair.header(f"End-to-end text -> image (benchmarks/end_to_end.py), {desc}"), flush=True)
         with tempfile.TemporaryDirectory() as root:
-            path, mods = build(name, root)
-            pipe = inference.Pipeline.from_checkpoint(path, mesh=inference.inference_mesh(1))
-        size = pipe.decoder.default_size
-        ids = torch.tensor([pipe.tokenizer.encode(inference.chat.t2i_prompt(PROMPT), add_special_tokens=False)])
-        pipe.negative_features()  # cached before timing, like the reference's
-
-        def jax_run():
-            return pipe.generate_images([PROMPT], seed=0)[0]
-
-        ref = TorchPipeline(mods, size)
-        ref(ids)  # builds the cached negative
-        j_first, j = timed(jax_run, args.repeats)
-        torch_cols = []
-        for n in threads:
-            torch.set_num_threads(n)
-            t = timed(lambda: ref(ids), args.repeats)[1]
-            torch_cols.append(f"{t:.3f} s ({n} thr, **{t / j:.2f}x**)")
-        q, d = mods["qwen"].config.text_config, mods["dcfg"]
-        rows.append(f"| {name}: {size} px, LLM {q.hidden_size}x{q.num_hidden_layers}L, DiT {d.dim}x{d.n_layers}L "
-                    f"({d.in_channels}-ch, {d.input_size ** 2} tokens), UNet {tuple(mods['unet'].config.block_out_channels)}"
-                    f" | {j:.3f} s (first call {j_first:.1f} s) | " + " / ".join(torch_cols) + " |")
-        print(rows[-1], flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.1f}")
-    print("\n| config | JAX s/image | PyTorch s/image (threads, JAX speed-up) |\n|---|---|---|")
-    print("\n".join(rows))
+            kw = dict(root=root, name=name)
+            fair.compare(f"{name}: s/image, batch 1", [
+                fair.Side("PyTorch eager", "benchmarks.end_to_end:torch_pipeline", kw, env),
+                fair.Side("JAX", "benchmarks.end_to_end:jax_pipeline", kw, env),
+            ], rounds=args.rounds, per_round=1, warmup=1, unit="s")
 
 
 if __name__ == "__main__":

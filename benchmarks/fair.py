@@ -134,12 +134,14 @@ class _Proc:
     def __init__(self, side: Side, warmup: int):
         env = dict(os.environ)
         env.setdefault("JAX_PLATFORMS", "cpu")
-        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         env.update(side.env)
+        # FAIR_REPO in a side's env: run that side from another checkout (a before/after model-code comparison).
+        repo = env.pop("FAIR_REPO", REPO)
+        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
         self.side = side
         self.p = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.fair", side.factory, json.dumps(side.kwargs), str(warmup)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=repo)
 
     def recv(self) -> dict:
         for line in self.p.stdout:
