@@ -11,30 +11,38 @@ Per device, for the stage's trainable/frozen split (``model.trainable_filter``):
 
 * parameters: trainable ones in ``model.param_dtype``, frozen ones in the stage's frozen dtype
   (``model.frozen_param_dtype``: the compute dtype in the generation stages), divided over the mesh
-  axes their PartitionSpec names (a dimension that does not divide is padded, as GSPMD does);
+  axes their PartitionSpec names (a dimension that does not divide is padded, as GSPMD does). Frozen
+  parameters the stage never reads (IDLE_PARAMS) are listed apart: the trainer holds them, but jit
+  prunes them from the step, so XLA's figures (and the total) leave them out; "fits" counts them;
+* the batch: this device's slice of the global batch (an argument of the step);
 * gradients: trainable parameters only, float32 (frozen parts have none); one more float32 copy when
   ``train.grad_accum`` > 1 (the accumulator);
-* optimizer state: AdamW's m and v in float32 for trainable parameters only, sharded like them;
+* optimizer state: AdamW's m and v in float32 for trainable parameters only, sharded like them (the
+  update itself runs in place in the donated buffers: XLA fuses it, no extra copies);
 * activations: an analytic estimate for the stage's micro-batch on one device (global batch /
   (data * fsdp) / grad_accum). A scanned transformer stack keeps, for every layer, its input (the scan
   carry, width H) plus what the remat policy saves inside the block, per token:
 
-      none           4H + 2K + 3I in the compute dtype + heads x kv_len float32 scores
-      dots           4H + 2K + 2I                       + heads x kv_len float32 scores
+      none           4H + 2K + 3I in the compute dtype + attention scores in float32
+      dots           4H + 2K + 2I                       + attention scores in float32
       dots_no_batch  3H + 2K + 2I   (weight matmul outputs only)
       full           nothing (the block is recomputed in the backward pass)
 
   (H width, K key+value width, I FFN hidden; the I and heads terms are divided by the tensor axis).
-  On top comes the working set of the one block being differentiated (its "none" figure), and for a
-  forward-only part (the frozen target encoder, under stop_gradient) only that working set. The
-  understanding loss adds float32 logits and log-probabilities (2 x tokens x vocab x 4 bytes);
-* temporaries: the largest scanned block's weights as gathered for its matmuls (all-gathered over
-  fsdp, in the compute dtype, x2 for the next block's prefetch) and the optimizer update's
-  temporaries (updates and clipped gradients: 2 x the gradient bytes).
+  Attention scores (attention_scores) follow the backend each component's attention resolves to on the
+  device (models/attention.select_backend): heads x kv_len for ``xla``, one softmax statistic per head
+  for the fused kernels (``splash``, ``cudnn``). On top comes the working set of the one block being
+  differentiated (its "none" figure), and for a forward-only part (the frozen target encoder, under
+  stop_gradient) only that working set. The understanding loss adds float32 logits and
+  log-probabilities (2 x tokens x vocab x 4 bytes);
+* temporaries: the largest scanned block the step runs, its weights as gathered for its matmuls
+  (all-gathered over fsdp, in the compute dtype, x2 for the next block's prefetch).
 
-FLOPs per step are ``model.step_flops`` (dense 2/4/6 FLOPs per parameter per token, flops.py); the
-predicted step time is FLOPs / (devices x peak bf16 FLOP/s x MFU). "fits" means the sum of the five
-figures <= 90% of the device's HBM (the rest for what the estimate misses and fragmentation).
+FLOPs per step are ``model.step_flops`` (weight matmuls, attention, the ViT and the LM head; flops.py);
+the predicted step time is FLOPs / (devices x peak bf16 FLOP/s x MFU). "fits" means the total (the
+figures above) plus the idle parameters <= 90% of the device's HBM (the rest for what the estimate
+misses and fragmentation). tests/test_plan_tpu.py and benchmarks/tpu_plans.py check the total against
+XLA's compiled peak.
 Where jax can describe a TPU topology without chips (``jax.experimental.topologies``, needs libtpu),
 the train step is also compiled ahead of time for it and XLA's memory figures are shown;
 otherwise the planner says it skipped that. ``--aot`` does the same on local devices (e.g. 8 fake CPU
@@ -61,7 +69,7 @@ from jax.experimental import topologies
 from blip3o_jax import cli, configlib, optim, sharding, training
 from blip3o_jax import flops as flops_lib
 from blip3o_jax.models import blip3o as model_lib
-from blip3o_jax.models import heads
+from blip3o_jax.models import attention, heads
 from blip3o_jax.models.layers import dtype_of
 
 GiB = 1024**3
@@ -166,11 +174,13 @@ class Plan:
     grad_accum: int
     remat: str
     params_by_component: dict  # component -> (total, trainable)
-    bytes_params: float
+    bytes_params: float  # parameters the step reads
+    bytes_idle_params: float  # frozen parameters the stage never reads (IDLE_PARAMS): held beside the step
+    bytes_batch: float  # this device's slice of the global batch (an argument of the step)
     bytes_grads: float
     bytes_opt_state: float
     bytes_activations: float
-    bytes_temporaries: float  # one block's gathered weights (x2, prefetch) + optimizer update temporaries
+    bytes_temporaries: float  # one block's gathered weights (x2: the next block's is prefetched)
     flops_per_step: float
     mfu: float
     step_seconds: float
@@ -179,19 +189,34 @@ class Plan:
 
     @property
     def bytes_total(self) -> float:
-        return (self.bytes_params + self.bytes_grads + self.bytes_opt_state + self.bytes_activations
-                + self.bytes_temporaries)
+        """What the step's program holds at once: the figure XLA's peak (compile_train_step) measures."""
+        return (self.bytes_params + self.bytes_batch + self.bytes_grads + self.bytes_opt_state
+                + self.bytes_activations + self.bytes_temporaries)
 
     @property
     def fits(self) -> bool:
-        return self.bytes_total <= USABLE_FRACTION * self.hbm_bytes
+        """The step and the idle parameters the trainer holds beside it in USABLE_FRACTION of the HBM."""
+        return self.bytes_total + self.bytes_idle_params <= USABLE_FRACTION * self.hbm_bytes
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "bytes_total": self.bytes_total, "fits": self.fits}
 
 
+# Frozen parameters a stage's step never reads, by path prefix: the Qwen ViT and the untied LM head in
+# the generation stages (text prompts, no next-token loss), the generation side in the understanding
+# stage. jit prunes them from the compiled program (XLA's figures leave them out); the trainer still
+# holds them in HBM beside it. tests/test_plan.py checks these against the arguments jit keeps.
+IDLE_PARAMS = {
+    "generation": ("backbone/visual/", "backbone/lm_head/"),
+    "instruction": ("backbone/visual/", "backbone/lm_head/"),
+    "understanding": ("gen_head/", "latent_queries/", "target_encoder/"),
+    "joint": (),
+}
+
+
 def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=None) -> dict:
-    """Counts per component and per-device bytes of parameters, gradients and AdamW state."""
+    """Counts per component and per-device bytes of parameters (read by the step, and idle: IDLE_PARAMS),
+    gradients and AdamW state, and the largest scanned block the step runs (elements as gathered)."""
     if module is None:
         module, specs = abstract_parameters(cfg)
     trainable = set(_paths(nnx.state(module, model_lib.stage_trainable(cfg, stage))))
@@ -199,7 +224,7 @@ def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=No
     frozen_size = np.dtype(dtype_of(model_lib.frozen_param_dtype(cfg, stage))).itemsize  # model.frozen_param_dtype
     counts: dict[str, list[int]] = {}
     layer: dict[str, float] = {}  # elements of one scanned block per component, as gathered for its matmuls
-    params = grads = 0
+    params = idle = grads = 0
     spec_of = _paths(specs)
     for path, var in _paths(nnx.state(module, nnx.Param)).items():
         n = int(np.prod(var.shape))
@@ -208,18 +233,23 @@ def parameter_bytes(cfg, stage: str, mesh: dict[str, int], module=None, specs=No
         c[0] += n
         spec = spec_of[path]
         shard = _shard_elements(var.shape, spec, mesh)
-        params += shard * (param_size if path in trainable else frozen_size)
         if path in trainable:
             c[1] += n
+            params += shard * param_size
             grads += shard * 4
+        elif (path + "/").startswith(IDLE_PARAMS[stage]):
+            idle += shard * frozen_size
+            continue
+        else:
+            params += shard * frozen_size
         names = tuple(var.get_metadata().get("out_sharding") or ())
         if "layers" in names:
             tensor = mesh["tensor"] if "tensor" in jax_axes(spec) else 1
             layer[component] = layer.get(component, 0.0) + n / var.shape[names.index("layers")] / tensor
     accum_copy = 2 if cfg.train.grad_accum > 1 else 1
-    return {"counts": {k: tuple(v) for k, v in counts.items()}, "params": params, "grads": grads * accum_copy,
-            "opt_state": 2 * grads, "trainable": sum(v[1] for v in counts.values()),
-            "largest_layer": max(layer.values(), default=0.0), "update_temporaries": 2 * grads}
+    return {"counts": {k: tuple(v) for k, v in counts.items()}, "params": params, "idle": idle,
+            "grads": grads * accum_copy, "opt_state": 2 * grads, "trainable": sum(v[1] for v in counts.values()),
+            "largest_layer": max(layer.values(), default=0.0)}
 
 
 def jax_axes(spec) -> set[str]:
@@ -234,18 +264,32 @@ def jax_axes(spec) -> set[str]:
 # Activations
 
 
-def attention_scores(heads: float, kv_len: int) -> float:
-    """float32 elements per query token that one attention layer keeps for its backward pass: the
-    softmax probabilities over ``kv_len`` keys for each of the (per-device) ``heads``, as XLA's
-    dot-product attention materialises them (models/attention.py). The one place an attention backend
-    that never materialises the scores changes the activation estimate."""
-    return heads * kv_len
+def attention_scores(heads: float, kv_len: int, backend: str = "xla") -> float:
+    """float32 elements per query token that one attention layer keeps for its backward pass, for the
+    (per-device) ``heads``: with ``xla`` the softmax probabilities over ``kv_len`` keys, as its dot-product
+    attention materialises them (models/attention.py); a fused kernel (``splash``, ``cudnn``) keeps no
+    scores, only one float32 softmax statistic (the log-sum-exp) per query and head."""
+    return heads * kv_len if backend == "xla" else heads
 
 
-def _block(policy: str, width: int, kv_width: int, ffn: int, heads: int, kv_len: int, tensor: int) -> tuple:
-    """(elements in the compute dtype, float32 elements) saved per token inside one block by ``policy``."""
-    ffn, heads = ffn / tensor, heads / tensor
-    scores = attention_scores(heads, kv_len)
+def device_platform(kind: str) -> str:
+    """The JAX platform of a DEVICES kind: what models/attention.select_backend resolves ``auto`` on."""
+    return "tpu" if kind.startswith("v") else "gpu" if kind in ("h100", "a100") else "cpu"
+
+
+def _backend(cfg, component: str, platform: str, q_len: int, kv_len: int, heads: int, kv_heads: int, **call) -> str:
+    """The attention backend one call of ``component`` (its config section, e.g. "llm") resolves to on
+    ``platform``: model.<component>.attention, else model.attention, through attention.select_backend."""
+    impl = configlib.component(cfg, component).attention
+    d = 128  # select_backend reads the head width only for cuDNN's limit; every component here has <= 128
+    return attention.select_backend(impl, q_shape=(1, q_len, heads, d), kv_shape=(1, kv_len, kv_heads, d),
+                                    dtype=dtype_of(cfg.model.dtype), on=platform, **call)
+
+
+def _block(policy: str, width: int, kv_width: int, ffn: int, scores: float, tensor: int) -> tuple:
+    """(elements in the compute dtype, float32 elements) saved per token inside one block by ``policy``;
+    ``scores``: attention_scores of the block's attention (per device)."""
+    ffn = ffn / tensor
     table = {
         "none": (4 * width + 2 * kv_width + 3 * ffn, scores),
         "dots": (4 * width + 2 * kv_width + 2 * ffn, scores),
@@ -255,23 +299,28 @@ def _block(policy: str, width: int, kv_width: int, ffn: int, heads: int, kv_len:
     return table[policy]
 
 
-def _stack(layers, tokens, width, kv_width, ffn, heads, kv_len, *, policy, act_bytes, tensor, trained=True):
+def _stack(layers, tokens, width, kv_width, ffn, heads, kv_len, *, backend, policy, act_bytes, tensor, trained=True):
     """(bytes kept across the whole backward pass, bytes of one block's working set)."""
-    work_el, work_f32 = _block("none", width, kv_width, ffn, heads, kv_len, tensor)
+    scores = attention_scores(heads / tensor, kv_len, backend)
+    work_el, work_f32 = _block("none", width, kv_width, ffn, scores, tensor)
     working = tokens * (work_el * act_bytes + work_f32 * 4)
     if not trained:
         return 0.0, working
-    el, f32 = _block(policy, width, kv_width, ffn, heads, kv_len, tensor)
+    el, f32 = _block(policy, width, kv_width, ffn, scores, tensor)
     return layers * tokens * ((width + el) * act_bytes + f32 * 4), working
 
 
-def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) -> float:
+def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float, platform: str = "cpu") -> float:
+    """``platform``: where the step runs (device_platform), which decides each component's attention backend."""
     m, t = cfg.model, mesh["tensor"]
     act = np.dtype(dtype_of(m.dtype)).itemsize
     kw = dict(policy=m.remat, act_bytes=act, tensor=t)
     llm, eva = m.llm, m.eva
     head_dim = llm.hidden_size // llm.num_attention_heads
     seq = cfg.data.max_length
+    # Training calls: causal with a key-padding mask (traced segment ids).
+    llm_backend = _backend(cfg, "llm", platform, seq, seq, llm.num_attention_heads, llm.num_key_value_heads,
+                           causal=True, segment_ids=True)
     llm_args = (llm.num_hidden_layers, micro_batch * seq, llm.hidden_size, 2 * llm.num_key_value_heads * head_dim,
                 llm.intermediate_size, llm.num_attention_heads, seq)
     kept, working = [], []
@@ -281,30 +330,38 @@ def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float) 
         working.append(stack[1])
 
     if stage in ("generation", "instruction", "joint"):
-        add(_stack(*llm_args, **kw))  # the queries' gradient flows back through the whole backbone
+        add(_stack(*llm_args, backend=llm_backend, **kw))  # the queries' gradient flows back through the backbone
         shape = heads.activation_shape(m.gen_head, m.denoiser, configlib.head_config(cfg), m.n_query)
         if shape is not None:  # the head says what its stack keeps per sample (heads.Shape)
+            backend = _backend(cfg, configlib.head_section(cfg), platform, shape.tokens, shape.kv_len, shape.heads,
+                               shape.heads)
             add(_stack(shape.layers, micro_batch * shape.kv_len, shape.width, shape.kv_width, shape.ffn, shape.heads,
-                       shape.kv_len, **kw))
+                       shape.kv_len, backend=backend, **kw))
         if m.target_encoder == "eva_clip":
-            tokens = (eva.image_size // eva.patch_size) ** 2 + 1
+            tokens, n_heads = (eva.image_size // eva.patch_size) ** 2 + 1, eva.width // eva.head_width
             add(_stack(eva.layers, micro_batch * tokens, eva.width, 2 * eva.width, int(eva.width * eva.mlp_ratio),
-                       eva.width // eva.head_width, tokens, trained=False, **kw))
+                       n_heads, tokens, backend=_backend(cfg, "eva", platform, tokens, tokens, n_heads, n_heads),
+                       trained=False, **kw))
         elif m.target_encoder == "siglip2":
             s = m.siglip2
+            backend = _backend(cfg, "siglip2", platform, s.num_patches, s.num_patches, s.num_attention_heads,
+                               s.num_attention_heads)
             add(_stack(s.num_hidden_layers, micro_batch * s.num_patches, s.hidden_size, 2 * s.hidden_size,
-                       s.intermediate_size, s.num_attention_heads, s.num_patches, trained=False, **kw))
+                       s.intermediate_size, s.num_attention_heads, s.num_patches, backend=backend, trained=False,
+                       **kw))
     if stage in ("understanding", "joint"):
         if stage == "understanding":
-            add(_stack(*llm_args, **kw))
+            add(_stack(*llm_args, backend=llm_backend, **kw))
             if m.get("vision") is not None:
                 # The Qwen ViT runs the micro-batch's patches as one sequence (images and windows told apart
                 # by segment ids: model_lib.vision_flops), sharded over the batch axes: each device's
-                # patches attend to the whole micro-batch's.
+                # patches attend to the whole micro-batch's (host segment ids: splash's static block mask).
                 v, patches = m.vision, model_lib.understanding_grid(cfg)[1]
                 kv_len = int(cfg.data.global_batch_size / cfg.train.grad_accum * patches)
+                backend = _backend(cfg, "vision", platform, kv_len, kv_len, v.num_heads, v.num_heads,
+                                   static_segments=True)
                 add(_stack(v.depth, micro_batch * patches, v.hidden_size, 2 * v.hidden_size, v.intermediate_size,
-                           v.num_heads, kv_len, trained=not cfg.train.freeze_vision_tower, **kw))
+                           v.num_heads, kv_len, backend=backend, trained=not cfg.train.freeze_vision_tower, **kw))
         kept.append(2 * micro_batch * seq * llm.vocab_size / t * 4)  # float32 logits + log-probabilities
     return float(sum(kept) + max(working, default=0.0))
 
@@ -326,9 +383,11 @@ def make_plan(cfg, mesh: dict[str, int], device: str, *, stage: str | None = Non
         step_flops = model_lib.step_flops(cfg, stage, p["trainable"])
     return Plan(config=config_name, stage=stage, mesh=dict(mesh), device=kind, num_devices=n,
                 micro_batch_per_device=micro, grad_accum=accum, remat=cfg.model.remat,
-                params_by_component=p["counts"], bytes_params=p["params"], bytes_grads=p["grads"],
-                bytes_opt_state=p["opt_state"], bytes_activations=activation_bytes(cfg, stage, mesh, micro),
-                bytes_temporaries=2 * p["largest_layer"] * act_bytes + p["update_temporaries"],
+                params_by_component=p["counts"], bytes_params=p["params"], bytes_idle_params=p["idle"],
+                bytes_batch=batch_bytes(cfg, stage) / (mesh["data"] * mesh["fsdp"]), bytes_grads=p["grads"],
+                bytes_opt_state=p["opt_state"],
+                bytes_activations=activation_bytes(cfg, stage, mesh, micro, device_platform(kind)),
+                bytes_temporaries=2 * p["largest_layer"] * act_bytes,
                 flops_per_step=step_flops, mfu=mfu, step_seconds=step_flops / (n * peak * mfu), hbm_bytes=hbm)
 
 
@@ -409,7 +468,22 @@ def compile_train_step(cfg, stage: str, mesh) -> dict:
     device, its ``peak_bytes`` (arguments + temporaries + outputs not aliased to a donated argument:
     what the program holds at once, the figure the planner's total predicts) and the compiled FLOPs per
     device (``cost_analysis``; a scanned layer stack is counted once, see tests/test_plan_tpu.py)."""
-    compiled = lower_train_step(cfg, stage, mesh).compile()
+    return compiled_figures(lower_train_step(cfg, stage, mesh), mesh)
+
+
+def compiled_figures(lowered, mesh) -> dict:
+    """Compiles ``lowered`` for ``mesh``'s devices; XLA's figures as compile_train_step returns them."""
+    described = mesh.devices.flat[0].platform != jax.default_backend()
+    cache = jax.config.jax_enable_compilation_cache
+    # A program compiled for a described topology (no chips, no client of that platform) cannot be
+    # read back from the persistent compilation cache ("PjRtCompiler must be constructed with a
+    # Client"): such compiles bypass it.
+    if described:
+        jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        compiled = lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
     ma = compiled.memory_analysis()
     out = {f: int(getattr(ma, f)) for f in MEMORY_FIELDS if ma is not None and hasattr(ma, f)}
     if {"argument_size_in_bytes", "temp_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes"} <= set(out):
@@ -422,8 +496,8 @@ def compile_train_step(cfg, stage: str, mesh) -> dict:
     return out
 
 
-def abstract_batch(cfg, stage: str, mesh) -> tuple[dict, tuple | None]:
-    """(ShapeDtypeStructs of a global batch as the trainer places it, the static image grid or None).
+def batch_shapes(cfg, stage: str) -> tuple[dict[str, tuple], tuple | None]:
+    """({field: (global shape, dtype)} of a batch as the trainer places it, the static image grid or None).
 
     Generation (and joint, whose trainer reads generation samples; their labels feed the LM loss): the
     fields of data/samples.GenerationTransform. Understanding: multimodal sequences of data.max_length
@@ -443,6 +517,17 @@ def abstract_batch(cfg, stage: str, mesh) -> tuple[dict, tuple | None]:
                              f"{patches // vision.spatial_merge_size**2} tokens (data.und_image_size)")
         width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
         shapes.update(pixel_values=((b, patches, width), jnp.float32), position_ids=((b, 3, length), jnp.int32))
+    return shapes, grid
+
+
+def batch_bytes(cfg, stage: str) -> float:
+    """Bytes of one global batch (sharded over the batch axes, data x fsdp)."""
+    return float(sum(math.prod(s) * np.dtype(dt).itemsize for s, dt in batch_shapes(cfg, stage)[0].values()))
+
+
+def abstract_batch(cfg, stage: str, mesh) -> tuple[dict, tuple | None]:
+    """(ShapeDtypeStructs of a global batch on ``mesh``, the static image grid or None): batch_shapes."""
+    shapes, grid = batch_shapes(cfg, stage)
     batch = {k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s)))
              for k, (s, dt) in shapes.items()}
     return batch, grid
@@ -471,10 +556,13 @@ def format_plan(p: Plan) -> str:
     lines.append(f"  {'all':<16} {total:>16,} / {sum(v[1] for v in p.params_by_component.values()):,}")
     lines += [
         "per-device memory:",
-        f"  parameters {_size(p.bytes_params)}  gradients {_size(p.bytes_grads)}  optimizer {_size(p.bytes_opt_state)}"
-        f"  activations {_size(p.bytes_activations)}  temporaries {_size(p.bytes_temporaries)}",
-        f"  total {_size(p.bytes_total)} of {_size(p.hbm_bytes)} HBM -> {'fits' if p.fits else 'DOES NOT FIT'}"
-        f" (limit {USABLE_FRACTION:.0%} of HBM)",
+        f"  parameters {_size(p.bytes_params)}  batch {_size(p.bytes_batch)}  gradients {_size(p.bytes_grads)}"
+        f"  optimizer {_size(p.bytes_opt_state)}  activations {_size(p.bytes_activations)}"
+        f"  temporaries {_size(p.bytes_temporaries)}",
+        f"  total {_size(p.bytes_total)} (the step); beside it idle frozen parameters {_size(p.bytes_idle_params)}"
+        f" (never read by this stage)",
+        f"  {_size(p.bytes_total + p.bytes_idle_params)} of {_size(p.hbm_bytes)} HBM -> "
+        f"{'fits' if p.fits else 'DOES NOT FIT'} (limit {USABLE_FRACTION:.0%} of HBM)",
         f"FLOPs/step {p.flops_per_step:.3e}; at MFU {p.mfu:g}: {p.step_seconds:.3f} s/step",
     ]
     if p.aot is not None:
@@ -501,7 +589,7 @@ def format_aot(p: Plan) -> list[str]:
 
 def table(cfg, slices: list[str], config_name: str, **kwargs) -> str:
     rows = ["| slice | devices | recommended mesh | grad_accum | params / grads / opt / act / tmp (GiB per device) "
-            "| total / HBM (GiB) | step time @ MFU |", "|---|---|---|---|---|---|---|"]
+            "| total + idle / HBM (GiB) | step time @ MFU |", "|---|---|---|---|---|---|---|"]
     for name in slices:
         _, _, hbm, count = device_spec(name)
         plan = recommend(cfg, count, name, config_name=config_name, **kwargs)
@@ -512,7 +600,8 @@ def table(cfg, slices: list[str], config_name: str, **kwargs) -> str:
         rows.append(f"| {name} | {count} | {mesh} | {plan.grad_accum} | {_gib(plan.bytes_params)} / "
                     f"{_gib(plan.bytes_grads)} / {_gib(plan.bytes_opt_state)} / {_gib(plan.bytes_activations)} / "
                     f"{_gib(plan.bytes_temporaries)} | "
-                    f"{_gib(plan.bytes_total)} / {_gib(hbm)} | {plan.step_seconds:.2f} s @ {plan.mfu:g} |")
+                    f"{_gib(plan.bytes_total + plan.bytes_idle_params)} / {_gib(hbm)} | "
+                    f"{plan.step_seconds:.2f} s @ {plan.mfu:g} |")
     return "\n".join(rows)
 
 

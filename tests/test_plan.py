@@ -50,12 +50,35 @@ def test_frozen_parts_are_counted_in_their_dtype():
     f32 = plan.parameter_bytes(cfg, "generation", mesh)
     frozen = sum(total - trainable for total, trainable in f32["counts"].values())
     assert frozen > 12e9  # Qwen2.5-VL-7B with its ViT, EVA-CLIP-E
-    # Half of the frozen bytes go (every frozen tensor here divides over fsdp=2).
-    assert f32["params"] - bf16["params"] == pytest.approx(frozen * 2 / 2, rel=1e-2)
+    # Half of the frozen bytes go (every frozen tensor here divides over fsdp=2), the idle ones too (the
+    # ViT and the LM head, which generation never reads: plan.IDLE_PARAMS).
+    held = lambda p: p["params"] + p["idle"]
+    assert held(f32) - held(bf16) == pytest.approx(frozen * 2 / 2, rel=1e-2)
     assert f32["grads"] == bf16["grads"] and f32["opt_state"] == bf16["opt_state"]
     # Understanding keeps model.param_dtype for its frozen parts (the trained generation head).
     assert plan.parameter_bytes(load_config("blip3o_8b"), "understanding", mesh)["params"] == \
         plan.parameter_bytes(cfg, "understanding", mesh)["params"]
+
+
+@pytest.mark.parametrize("stage", ["generation", "understanding"])
+def test_idle_parameters_are_those_the_step_never_reads(stage):
+    """plan.IDLE_PARAMS against the stage loss's jaxpr: the frozen parameters no equation reads (jit
+    prunes them from the compiled step, so XLA's figures leave them out)."""
+    cfg = load_config("demo", "smoke")
+    module, _ = plan.abstract_parameters(cfg)
+    graphdef, trainable, frozen = nnx.split(module, model_lib.stage_trainable(cfg, stage), ...)
+    shapes, grid = plan.batch_shapes(cfg, stage)
+    batch = {k: jax.ShapeDtypeStruct(s, dt) for k, (s, dt) in shapes.items()}
+
+    def loss(frozen, trainable, batch):
+        return model_lib.stage_loss(nnx.merge(graphdef, trainable, frozen), stage, batch, jax.random.key(0), grid)[0]
+
+    closed = jax.make_jaxpr(loss)(frozen, trainable, batch)
+    read = {id(v) for eqn in closed.jaxpr.eqns for v in eqn.invars}
+    paths = list(plan._paths(frozen))
+    unread = {path for path, var in zip(paths, closed.jaxpr.invars[:len(paths)]) if id(var) not in read}
+    idle = {path for path in paths if (path + "/").startswith(plan.IDLE_PARAMS[stage])}
+    assert unread and unread == idle, (sorted(unread - idle)[:5], sorted(idle - unread)[:5])
 
 
 def test_released_4b_dit_parameter_count():
@@ -106,7 +129,9 @@ def test_per_device_memory_matches_live_buffers(demo):
     d0 = jax.devices()[0]
     measured = {"params": shard_bytes_on((trainable, frozen), d0), "grads": shard_bytes_on(grads, d0),
                 "opt_state": shard_bytes_on(opt_state, d0)}
-    predicted = {"params": p.bytes_params, "grads": p.bytes_grads, "opt_state": p.bytes_opt_state}
+    # The model holds every parameter, those the step reads and the idle ones (plan.IDLE_PARAMS).
+    predicted = {"params": p.bytes_params + p.bytes_idle_params, "grads": p.bytes_grads,
+                 "opt_state": p.bytes_opt_state}
     print("per-device bytes measured", measured, "predicted", predicted)
     for key in measured:
         assert abs(predicted[key] - measured[key]) <= 0.1 * measured[key], (key, predicted[key], measured[key])
