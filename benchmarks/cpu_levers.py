@@ -1,7 +1,7 @@
 """XLA CPU levers for the JAX side, timed against each other (BENCHMARKS.md "CPU levers tried", issue 22).
 
     PYTHONPATH=. .venv/bin/python benchmarks/cpu_levers.py --case dit_train [--levers default,ynn_off,...]
-    PYTHONPATH=. .venv/bin/python benchmarks/cpu_levers.py --case dit_train --levers default --trees /tmp/base
+    PYTHONPATH=. .venv/bin/python benchmarks/cpu_levers.py --case dit_train --levers default --trees ../blip3o_jax_base
 
 Every lever is a worker process of benchmarks.fair with its own ``XLA_FLAGS`` (or CPU affinity), running the
 same JAX case as benchmarks/dit_head.py / eva_encoder.py on random weights; rounds alternate, so the ratios

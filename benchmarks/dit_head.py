@@ -178,9 +178,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--cases", default="train,sample")
-    p.add_argument("--cpus", type=int, default=0, help="pin every worker to this many cores (0: all)")
+    fair.add_cpus_flag(p)
     args = p.parse_args(argv)
-    env = {"FAIR_CPUS": str(args.cpus)} if args.cpus else {}
+    env = fair.cpus_env(args)
     print(fair.header("DiT flow head (benchmarks/dit_head.py)",
                       f"config {CFG}, train batch {TRAIN_BATCH}, sampling batch {SAMPLE_BATCH}, float32"))
     with tempfile.TemporaryDirectory() as wdir:

@@ -215,9 +215,9 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--configs", default="tiny,mid")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--cpus", type=int, default=0, help="pin every worker to this many cores (0: all)")
+    fair.add_cpus_flag(p)
     args = p.parse_args(argv)
-    env = {"FAIR_CPUS": str(args.cpus)} if args.cpus else {}
+    env = fair.cpus_env(args)
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         q, d = spec["qwen"], spec["dit"]

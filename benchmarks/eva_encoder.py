@@ -86,9 +86,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
-    p.add_argument("--cpus", type=int, default=0, help="pin every worker to this many cores (0: all)")
+    fair.add_cpus_flag(p)
     args = p.parse_args(argv)
-    env = {"FAIR_CPUS": str(args.cpus)} if args.cpus else {}
+    env = fair.cpus_env(args)
     print(fair.header("EVA-CLIP target encoder (benchmarks/eva_encoder.py)",
                       f"config {EVA}, batch {args.batch}"))
     with tempfile.TemporaryDirectory() as wdir:

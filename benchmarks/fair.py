@@ -70,6 +70,16 @@ def header(title: str, notes: str = "") -> str:
             + (f"\n{notes}" if notes else ""))
 
 
+def add_cpus_flag(parser) -> None:
+    """``--cpus N``: every worker pinned to N cores (0 = all); read back with ``cpus_env``."""
+    parser.add_argument("--cpus", type=int, default=0, help="pin every worker to this many cores (0: all)")
+
+
+def cpus_env(args) -> dict:
+    """The worker environment ``Side.env`` for ``--cpus`` (FAIR_CPUS, applied before a framework starts)."""
+    return {"FAIR_CPUS": str(args.cpus)} if args.cpus else {}
+
+
 # ---------------------------------------------------------------------------------------------
 # Worker side
 

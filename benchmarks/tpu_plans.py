@@ -1,8 +1,8 @@
 """Full-size TPU plans checked by XLA's TPU compiler without chips (issues 21 and 23): the trainer's own
 step (plan.compile_train_step) AOT-compiled on libtpu topology descriptions, beside the planner.
 
-    nice -n 15 .venv/bin/python benchmarks/tpu_plans.py --run all --out /tmp/tpu_plans.json   (one case per process)
-    .venv/bin/python benchmarks/tpu_plans.py --table --out /tmp/tpu_plans.json                (markdown tables)
+    nice -n 15 .venv/bin/python benchmarks/tpu_plans.py --run all --out runs/tpu_plans.json   (one case per process)
+    .venv/bin/python benchmarks/tpu_plans.py --table --out runs/tpu_plans.json                (markdown tables)
 
 Each compile takes minutes on 2 cores (scanned layers: compile time hardly depends on depth) and
 several GiB of host memory, so every case runs in a process of its own, one after another, and its
@@ -98,6 +98,7 @@ def run_case(name: str, out: str) -> None:
     xla = plan.compile_train_step(cfg, case["stage"], mesh)
     xla["compile_seconds"] = time.perf_counter() - start
     row = {"case": name, "mesh": p.mesh, "grad_accum": p.grad_accum, "xla": xla}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -150,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="", help="a case, a comma-separated list, or 'all'")
     ap.add_argument("--table", action="store_true", help="print the markdown tables of --out")
-    ap.add_argument("--out", default="/tmp/tpu_plans.json", help="JSON lines of XLA's figures, one per case")
+    ap.add_argument("--out", default="runs/tpu_plans.json", help="JSON lines of XLA's figures, one per case")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
