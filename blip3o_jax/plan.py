@@ -363,15 +363,14 @@ def activation_bytes(cfg, stage: str, mesh: dict[str, int], micro_batch: float, 
         if stage == "understanding":
             add(_stack(*llm_args, backend=llm_backend, **kw))
             if m.get("vision") is not None:
-                # The Qwen ViT runs the micro-batch's patches as one sequence (images and windows told apart
-                # by segment ids: model_lib.vision_flops), sharded over the batch axes: each device's
-                # patches attend to the whole micro-batch's (host segment ids: splash's static block mask).
+                # The Qwen ViT runs the micro-batch's images as a batch (one grid per run), each image's
+                # patches attending to its own (windows told apart by segment ids: model_lib.vision_flops;
+                # host segment ids: splash's static block mask).
                 v, patches = m.vision, model_lib.understanding_grid(cfg)[1]
-                kv_len = int(cfg.data.global_batch_size / cfg.train.grad_accum * patches)
-                backend = _backend(cfg, "vision", platform, kv_len, kv_len, v.num_heads, v.num_heads,
+                backend = _backend(cfg, "vision", platform, patches, patches, v.num_heads, v.num_heads,
                                    static_segments=True)
                 add(_stack(v.depth, micro_batch * patches, v.hidden_size, 2 * v.hidden_size, v.intermediate_size,
-                           v.num_heads, kv_len, backend=backend, trained=not cfg.train.freeze_vision_tower, **kw))
+                           v.num_heads, patches, backend=backend, trained=not cfg.train.freeze_vision_tower, **kw))
         kept.append(2 * micro_batch * seq * llm.vocab_size / t * 4)  # float32 logits and their gradient
     return float(sum(kept) + max(working, default=0.0))
 

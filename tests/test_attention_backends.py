@@ -120,6 +120,19 @@ def test_vision_tower_window_contiguous_splash_matches_xla():
     close(outs["splash"], outs["xla"])
 
 
+def test_vision_tower_batch_of_one_grid_splash_matches_xla():
+    """Images of one grid run as a batch (B, N): splash reorders each image window-contiguous and undoes it
+    per image; the same outputs as xla."""
+    grid = np.array([GRID[0]] * 2)
+    n = int(np.prod(grid, axis=1).sum())
+    pixels = jnp.asarray(np.random.default_rng(3).standard_normal((n, 3 * 2 * 14 * 14)).astype(np.float32))
+    outs = {}
+    for name in ("xla", "splash"):
+        tower = QwenVisionTower(dataclasses.replace(TOWER, attention=name), rngs=nnx.Rngs(0))
+        outs[name] = nnx.jit(lambda tower, p: tower(p, grid))(tower, pixels)
+    close(outs["splash"], outs["xla"])
+
+
 def test_auto_picks_by_platform_and_length():
     long, short = dict(q_shape=(2, 4096, 28, 128), kv_shape=(2, 4096, 4, 128)), dict(q_shape=(2, 64, 28, 64),
                                                                                        kv_shape=(2, 64, 28, 64))

@@ -33,6 +33,8 @@ CFG = QwenVisionConfig(**TINY)
 # Four inputs in one call: partial windows (3x5 merged), exactly one window (2x2), a two-frame clip
 # (per-frame segments) and a tall image.
 GRID = np.array([[1, 6, 10], [1, 4, 4], [2, 4, 6], [1, 10, 6]])
+# Four images of one grid (a training batch): the tower runs them as a batch, attention per image.
+UNIFORM_GRID = np.array([[1, 6, 10]] * 4)
 PATCH_DIM = 3 * 2 * 14 * 14
 
 
@@ -47,11 +49,14 @@ def reference(tmp_path_factory):
             is_norm = "norm" in name or "ln_q" in name
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if is_norm else 0.2 * torch.randn_like(p))
     pixels = np.random.RandomState(0).randn(int(GRID.prod(1).sum()), PATCH_DIM).astype(np.float32)
+    uniform = np.random.RandomState(1).randn(int(UNIFORM_GRID.prod(1).sum()), PATCH_DIM).astype(np.float32)
     with torch.no_grad():
         out = model(torch.from_numpy(pixels), grid_thw=torch.from_numpy(GRID)).pooler_output.numpy()
+        uniform_out = model(torch.from_numpy(uniform), grid_thw=torch.from_numpy(UNIFORM_GRID)).pooler_output.numpy()
     ckpt = tmp_path_factory.mktemp("qwen_visual")
     save_file({"visual." + k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
-    return types.SimpleNamespace(pixels=pixels, out=out, ckpt=weights.TorchCheckpoint(ckpt))
+    return types.SimpleNamespace(pixels=pixels, out=out, uniform=uniform, uniform_out=uniform_out,
+                                 ckpt=weights.TorchCheckpoint(ckpt))
 
 
 def load_tower(reference, mesh, rule_table, remat="none"):
@@ -82,6 +87,24 @@ def test_tower_matches_transformers(reference, tower):
     out = forward(tower, reference.pixels)
     assert out.shape == (int(GRID.prod(1).sum()) // 4, 64)
     assert_close(out, reference.out)
+
+
+def test_images_of_one_grid_run_as_a_batch(reference):
+    """A training batch's images (one grid) run batched, attention per image, sharded over the batch axes
+    of a 2x2x2 mesh: transformers' output (one cu_seqlens sequence) at the same tolerance, and the same
+    as running the images one by one."""
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tower = load_tower(reference, mesh, "fsdp")
+    with jax.set_mesh(mesh):
+        out = nnx.jit(lambda m, x: m(x, UNIFORM_GRID))(tower, jnp.asarray(reference.uniform))
+    assert_close(out, reference.uniform_out)
+    n = int(UNIFORM_GRID[0].prod())
+    scores = str(jax.make_jaxpr(lambda x: nnx.merge(*nnx.split(tower))(x, UNIFORM_GRID))(reference.uniform))
+    assert f"[4,2,{n},{n}]" in scores and f"{4 * n},{4 * n}]" not in scores  # (B, heads, N, N), not (4N, 4N)
+    with jax.set_mesh(mesh):
+        one = jnp.concatenate([nnx.jit(lambda m, x: m(x, UNIFORM_GRID[:1]))(tower, jnp.asarray(reference.uniform[i:i + n]))
+                               for i in range(0, len(reference.uniform), n)])
+    assert_close(out, np.asarray(one))
 
 
 def test_remat_forward_and_grad(reference, one_device_mesh):

@@ -461,15 +461,16 @@ def step_flops(cfg, stage: str, n_trainable: int, precomputed: bool = False) -> 
 
 def vision_flops(cfg, visual, batch: int, mode: str) -> float:
     """The Qwen ViT on ``batch`` understanding images of the run's one grid: patch embedding and blocks
-    over every patch, the merger over each spatial_merge_size**2 group. Its attention runs over the
-    patches of the whole batch at once (one sequence; windows and images told apart by segment ids, so
-    the masked pairs are computed too): batch**2 * patches**2 per layer, as the compiled program does."""
+    over every patch, the merger over each spatial_merge_size**2 group. Attention runs per image (the
+    tower batches images of one grid), over all of its patches in every layer (windows are told apart by
+    segment ids, so on xla the masked pairs are computed too): patches**2 per layer and image."""
     v = cfg.model.vision
-    patches = batch * understanding_grid(cfg)[1]
+    per_image = understanding_grid(cfg)[1]
+    patches = batch * per_image
     merger = param_count(visual["merger"])
     dense = (flops.dense_flops(param_count(visual) - merger, patches, mode)
              + flops.dense_flops(merger, patches // v.spatial_merge_size**2, mode))
-    return dense + flops.attention_flops(v.depth, patches, v.hidden_size, 1, mode)
+    return dense + flops.attention_flops(v.depth, per_image, v.hidden_size, batch, mode)
 
 
 def understanding_grid(cfg) -> tuple[tuple[int, int, int], int]:

@@ -25,6 +25,10 @@ window reordering moves as a unit), so the order is a cost choice, not a numeric
     max_pixels allows N = 16384: 1/128 of the blocks); each layer's two kernels sit in a ``lax.cond``
     on the layer counter; the order is undone on the merged tokens, as transformers does.
 
+Images that share one grid (every training batch: prepare_batch fixes one grid per run) run as a
+batch (B, N, D), so attention is per image; only mixed grids run as one sequence of all their patches,
+the images told apart by frame segment ids (as transformers' cu_seqlens do).
+
 Layers are stacked and scanned; a layer counter in the scan carry picks the window or the frame
 segment ids per layer (``fullatt_block_indexes``), so one compiled block serves both kinds.
 
@@ -164,7 +168,7 @@ def rotary_cos_sin(pos_hw: jax.Array, head_dim: int) -> tuple[jax.Array, jax.Arr
 
 
 def apply_rotary(x, cos, sin):
-    """x (N, heads, head_dim) rotated in float32 with the rotate_half convention."""
+    """x (..., N, heads, head_dim) rotated in float32 with the rotate_half convention; cos, sin (N, head_dim)."""
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
@@ -180,14 +184,13 @@ class VisionAttention(nnx.Module):
         self.proj = nn.linear(d, d, ("heads", "embed"), **kw)
 
     def __call__(self, x, cos, sin, attend):
-        """x (N, D); ``attend(q, k, v)`` on (1, N, heads, head_dim): a token attends to the tokens of its
-        segment (its window or its frame; QwenVisionTower builds it per layer)."""
-        n = x.shape[0]
-        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        """x (B, N, D); ``attend(q, k, v)`` on (B, N, heads, head_dim): a token attends to the tokens of
+        its segment (its window or its frame; QwenVisionTower builds it per layer)."""
+        qkv = self.qkv(x).reshape(*x.shape[:2], 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attend(q[None], k[None], v[None])
-        return self.proj(out.reshape(n, self.num_heads * self.head_dim))
+        out = attend(q, k, v)
+        return self.proj(out.reshape(*x.shape[:2], self.num_heads * self.head_dim))
 
 
 class VisionMLP(nnx.Module):
@@ -262,16 +265,22 @@ class QwenVisionTower(nnx.Module):
     def __call__(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
         cfg = self.cfg
         grid = static_grid(grid_thw)
-        layout = vision_layout(grid, cfg)
+        # Images of one grid (the trainer's batches, prepare_batch) run as a batch: attention per image,
+        # (B, N, N) scores sharded with the batch, where one sequence of all B * N patches would compute
+        # (and, sharded, gather) B times the pairs, all but 1 / B of them masked. Mixed grids run as one
+        # sequence told apart by frame segment ids, as transformers' cu_seqlens do.
+        batch = len(grid) if len(grid) > 1 and (grid == grid[0]).all() else 1
+        layout = vision_layout(grid[:1] if batch > 1 else grid, cfg)
         n = layout["pos_hw"].shape[0]
-        if pixel_values.shape[0] != n:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw {grid.tolist()} gives {n}")
+        if pixel_values.shape[0] != batch * n:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but grid_thw {grid.tolist()} "
+                             f"gives {batch * n}")
 
-        x = self.patch_embed(pixel_values.astype(self.dtype))
+        x = self.patch_embed(pixel_values.astype(self.dtype)).reshape(batch, n, cfg.hidden_size)
         head_dim = cfg.hidden_size // cfg.num_heads
         full_attention = jnp.asarray(self.full_attention, jnp.int32)
-        backend = attention.select_backend(self.attention, q_shape=(1, n, cfg.num_heads, head_dim),
-                                           kv_shape=(1, n, cfg.num_heads, head_dim), dtype=x.dtype,
+        backend = attention.select_backend(self.attention, q_shape=(batch, n, cfg.num_heads, head_dim),
+                                           kv_shape=(batch, n, cfg.num_heads, head_dim), dtype=x.dtype,
                                            static_segments=True)
         if backend == "splash":
             return self._window_contiguous(x, layout, full_attention)
@@ -281,7 +290,7 @@ class QwenVisionTower(nnx.Module):
 
         def block_call(block, carry, segments, full_attention, cos, sin):
             h, layer = carry
-            seg = segments[full_attention[layer]][None]
+            seg = segments[full_attention[layer]]  # (N,): shared by the batch
             attend = functools.partial(dot_product_attention, q_segment_ids=seg, kv_segment_ids=seg,
                                        implementation="xla")
             return block(h, cos, sin, attend), layer + 1
@@ -314,11 +323,12 @@ class QwenVisionTower(nnx.Module):
             attend = lambda q, k, v: jax.lax.cond(full_attention[layer] > 0, frame, window, q, k, v)
             return block(h, cos, sin, attend), layer + 1
 
-        x, _ = nn.scan_layers(self.blocks, (x[order], jnp.zeros((), jnp.int32)), full_attention, cos, sin,
+        x, _ = nn.scan_layers(self.blocks, (x[:, order], jnp.zeros((), jnp.int32)), full_attention, cos, sin,
                               remat=self.remat, block_call=block_call)
         merged = self.merger(x)
         unit = cfg.spatial_merge_size**2
-        return merged[np.argsort(order[::unit] // unit)]  # back to processor order
+        merged = merged.reshape(x.shape[0], -1, merged.shape[-1])[:, np.argsort(order[::unit] // unit)]
+        return merged.reshape(-1, merged.shape[-1])  # back to processor order
 
 
 # ---------------------------------------------------------------------------------------------
