@@ -111,26 +111,24 @@ def test_vision_tower_window_contiguous_splash_matches_xla():
     """Reordered window-contiguous with static window/frame masks (and undone after the merger) on splash,
     processor order with traced segment ids on xla: the same outputs. (The reorder is a gather; the
     kernel's gradient with static windows is checked above.)"""
-    n = int(np.prod(GRID, axis=1).sum())
-    pixels = jnp.asarray(np.random.default_rng(2).standard_normal((n, 3 * 2 * 14 * 14)).astype(np.float32))
-    outs = {}
-    for name in ("xla", "splash"):
+    close(*tower_outputs(GRID, seed=2))
+
+
+def tower_outputs(grid, seed):
+    """(splash, xla) outputs of the same random tower on random pixels of ``grid``."""
+    n = int(np.prod(grid, axis=1).sum())
+    pixels = jnp.asarray(np.random.default_rng(seed).standard_normal((n, 3 * 2 * 14 * 14)).astype(np.float32))
+    outs = []
+    for name in ("splash", "xla"):
         tower = QwenVisionTower(dataclasses.replace(TOWER, attention=name), rngs=nnx.Rngs(0))
-        outs[name] = nnx.jit(lambda tower, p: tower(p, GRID))(tower, pixels)
-    close(outs["splash"], outs["xla"])
+        outs.append(nnx.jit(lambda tower, p: tower(p, grid))(tower, pixels))
+    return outs
 
 
 def test_vision_tower_batch_of_one_grid_splash_matches_xla():
     """Images of one grid run as a batch (B, N): splash reorders each image window-contiguous and undoes it
     per image; the same outputs as xla."""
-    grid = np.array([GRID[0]] * 2)
-    n = int(np.prod(grid, axis=1).sum())
-    pixels = jnp.asarray(np.random.default_rng(3).standard_normal((n, 3 * 2 * 14 * 14)).astype(np.float32))
-    outs = {}
-    for name in ("xla", "splash"):
-        tower = QwenVisionTower(dataclasses.replace(TOWER, attention=name), rngs=nnx.Rngs(0))
-        outs[name] = nnx.jit(lambda tower, p: tower(p, grid))(tower, pixels)
-    close(outs["splash"], outs["xla"])
+    close(*tower_outputs(np.array([GRID[0]] * 2), seed=3))
 
 
 def test_auto_picks_by_platform_and_length():
